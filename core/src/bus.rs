@@ -1,0 +1,778 @@
+//! The bus: modules publish and subscribe typed events through it.
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+use std::fmt;
+use std::future::{Future, IntoFuture};
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::codec::Codec;
+use crate::envelope::{Attributes, Envelope};
+use crate::error::{Error, ErrorKind, Result};
+use crate::event::{validate_header, validate_name};
+use crate::handler::{Handler, Stats, StatsCell, TypedHandler, CURRENT};
+use crate::in_process::InProcessTransport;
+use crate::transport::{
+    Capabilities, Consumer, DeadLetter, Dispatch, GroupId, Ordering, RetryPolicy,
+    ShutdownReport, SubscriptionSpec, Transport, TryPublish,
+};
+use crate::upcast::{Codecs, Upcasters};
+use crate::Event;
+
+/// Default largest encoded payload: 1 MiB.
+pub const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
+
+/// Builds a [`Bus`]: transports, routes, upcasts, codecs.
+///
+/// ```
+/// use seambus::{Bus, InProcessTransport};
+/// # #[derive(Clone, serde::Serialize, serde::Deserialize, seambus::Event)]
+/// # #[event(name = "orders.order_placed", version = 1)]
+/// # struct OrderPlacedV1 { id: u64 }
+/// # #[derive(serde::Serialize, serde::Deserialize, seambus::Event)]
+/// # #[event(name = "orders.order_placed", version = 2)]
+/// # struct OrderPlacedV2 { id: u64, total_cents: u64 }
+/// # impl From<OrderPlacedV1> for OrderPlacedV2 {
+/// #     fn from(v1: OrderPlacedV1) -> Self { Self { id: v1.id, total_cents: 0 } }
+/// # }
+/// let bus = Bus::builder()
+///     .transport("memory", InProcessTransport::default())
+///     .upcast::<OrderPlacedV1, OrderPlacedV2>()
+///     .build()?;
+/// # Ok::<(), seambus::Error>(())
+/// ```
+pub struct BusBuilder {
+    transports: Vec<(String, Arc<dyn Transport>)>,
+    default: Option<String>,
+    routes: Vec<(String, String)>,
+    upcasters: Upcasters,
+    codecs: Codecs,
+    verify_codec: bool,
+    max_payload: usize,
+    errors: Vec<Error>,
+}
+
+impl Default for BusBuilder {
+    fn default() -> Self {
+        Self {
+            transports: Vec::new(),
+            default: None,
+            routes: Vec::new(),
+            upcasters: Upcasters::default(),
+            codecs: Codecs::default(),
+            verify_codec: std::env::var("SEAMBUS_VERIFY_CODEC").is_ok_and(|v| v == "1"),
+            max_payload: DEFAULT_MAX_PAYLOAD,
+            errors: Vec::new(),
+        }
+    }
+}
+
+impl BusBuilder {
+    /// Adds a transport under `name`. The first one added is the default
+    /// route unless [`BusBuilder::default_transport`] says otherwise. With no
+    /// transport at all, the bus uses an [`InProcessTransport`].
+    pub fn transport(mut self, name: impl Into<String>, transport: impl Transport) -> Self {
+        self.transports.push((name.into(), Arc::new(transport)));
+        self
+    }
+
+    /// Adds a shared transport (for example one used by two buses).
+    pub fn transport_arc(mut self, name: impl Into<String>, transport: Arc<dyn Transport>) -> Self {
+        self.transports.push((name.into(), transport));
+        self
+    }
+
+    /// The transport that carries events no route names.
+    pub fn default_transport(mut self, name: impl Into<String>) -> Self {
+        self.default = Some(name.into());
+        self
+    }
+
+    /// Routes events to the transport `transport`: `pattern` is an exact
+    /// event name (`orders.order_placed`) or a prefix ending in `.*`
+    /// (`orders.*`). The most specific route wins.
+    pub fn route(mut self, pattern: impl Into<String>, transport: impl Into<String>) -> Self {
+        self.routes.push((pattern.into(), transport.into()));
+        self
+    }
+
+    /// Registers the upcast step from `A` to `B`: the same event name,
+    /// `B::VERSION == A::VERSION + 1`, and `B: From<A>`.
+    pub fn upcast<A, B>(mut self) -> Self
+    where
+        A: Event + Clone,
+        B: Event + From<A>,
+    {
+        if let Err(e) = self.upcasters.register::<A, B>() {
+            self.errors.push(e);
+        }
+        self
+    }
+
+    /// Adds a codec, readable by its content type; with `default`, events
+    /// are also published with it.
+    pub fn codec(mut self, codec: impl Codec, default: bool) -> Self {
+        self.codecs.add(Arc::new(codec), default);
+        self
+    }
+
+    /// Test mode: every published event is encoded and decoded back, and
+    /// in-process deliveries carry the bytes, so a type that cannot cross a
+    /// broker fails in tests, not in production. Also on when the
+    /// environment has `SEAMBUS_VERIFY_CODEC=1`.
+    pub fn verify_codec(mut self, on: bool) -> Self {
+        self.verify_codec = on;
+        self
+    }
+
+    /// Largest encoded payload accepted by `publish` (default
+    /// [`DEFAULT_MAX_PAYLOAD`]); a transport's own limit applies too. Checked
+    /// wherever an event is encoded: on broker routes and in
+    /// [`BusBuilder::verify_codec`] mode.
+    pub fn max_payload(mut self, bytes: usize) -> Self {
+        self.max_payload = bytes;
+        self
+    }
+
+    /// Checks the configuration and builds the bus.
+    pub fn build(mut self) -> Result<Bus> {
+        if let Some(e) = self.errors.into_iter().next() {
+            return Err(e);
+        }
+        if self.transports.is_empty() {
+            self.transports
+                .push(("in-process".into(), Arc::new(InProcessTransport::default())));
+        }
+        let mut names = HashSet::new();
+        for (name, _) in &self.transports {
+            if !names.insert(name.as_str()) {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    format!("transport `{name}` added twice"),
+                ));
+            }
+        }
+        let index_of = |name: &str| {
+            self.transports
+                .iter()
+                .position(|(n, _)| n == name)
+                .ok_or_else(|| {
+                    let known: Vec<&str> = self.transports.iter().map(|(n, _)| n.as_str()).collect();
+                    Error::new(
+                        ErrorKind::Config,
+                        format!("unknown transport `{name}`; known: {}", known.join(", ")),
+                    )
+                })
+        };
+        let default = match &self.default {
+            Some(name) => index_of(name)?,
+            None => 0,
+        };
+        let mut routes = Vec::new();
+        let mut seen = HashSet::new();
+        for (pattern, transport) in &self.routes {
+            let route = Route::parse(pattern)?;
+            if !seen.insert(pattern.clone()) {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    format!("route `{pattern}` given twice"),
+                ));
+            }
+            routes.push((route, index_of(transport)?));
+        }
+        // Most specific first: exact names, then longer prefixes.
+        routes.sort_by_key(|(r, _)| std::cmp::Reverse(r.specificity()));
+        let capabilities = self.transports.iter().map(|(_, t)| t.capabilities()).collect();
+        Ok(Bus {
+            inner: Arc::new(BusInner {
+                transports: self.transports,
+                capabilities,
+                default,
+                routes,
+                upcasters: Arc::new(self.upcasters),
+                codecs: Arc::new(self.codecs),
+                verify_codec: self.verify_codec,
+                max_payload: self.max_payload,
+                subscriptions: Mutex::default(),
+                closed: AtomicBool::new(false),
+            }),
+        })
+    }
+}
+
+enum Route {
+    Exact(String),
+    Prefix(String),
+}
+
+impl Route {
+    fn parse(pattern: &str) -> Result<Self> {
+        match pattern.strip_suffix(".*") {
+            Some(prefix) => {
+                validate_name(prefix)?;
+                Ok(Self::Prefix(format!("{prefix}.")))
+            }
+            None => {
+                validate_name(pattern)?;
+                Ok(Self::Exact(pattern.to_owned()))
+            }
+        }
+    }
+
+    fn matches(&self, name: &str) -> bool {
+        match self {
+            Self::Exact(n) => n == name,
+            Self::Prefix(p) => name.starts_with(p.as_str()),
+        }
+    }
+
+    fn specificity(&self) -> usize {
+        match self {
+            Self::Exact(_) => usize::MAX,
+            Self::Prefix(p) => p.len(),
+        }
+    }
+}
+
+/// The event bus of one program. Cheap to clone.
+///
+/// ```
+/// use seambus::{Bus, Context, HandlerError, Received};
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Debug, Clone, Serialize, Deserialize, seambus::Event)]
+/// #[event(name = "orders.order_placed", version = 1)]
+/// struct OrderPlaced { order_id: u64 }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), seambus::Error> {
+/// let bus = Bus::new(); // in-process, no broker
+/// let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+/// bus.module("inventory")
+///     .subscribe(move |order: Received<OrderPlaced>, _ctx: Context| {
+///         let tx = tx.clone();
+///         async move {
+///             tx.send(order.order_id)?;
+///             Ok::<(), HandlerError>(())
+///         }
+///     })
+///     .await?;
+///
+/// bus.module("orders").publish(OrderPlaced { order_id: 7 }).await?;
+/// assert_eq!(rx.recv().await, Some(7));
+/// bus.shutdown(std::time::Duration::from_secs(5)).await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Bus {
+    inner: Arc<BusInner>,
+}
+
+struct BusInner {
+    transports: Vec<(String, Arc<dyn Transport>)>,
+    capabilities: Vec<Capabilities>,
+    default: usize,
+    routes: Vec<(Route, usize)>,
+    upcasters: Arc<Upcasters>,
+    codecs: Arc<Codecs>,
+    verify_codec: bool,
+    max_payload: usize,
+    subscriptions: Mutex<HashSet<GroupId>>,
+    closed: AtomicBool,
+}
+
+impl fmt::Debug for Bus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = self.inner.transports.iter().map(|(n, _)| n.as_str()).collect();
+        f.debug_struct("Bus")
+            .field("transports", &names)
+            .field("verify_codec", &self.inner.verify_codec)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Bus {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Bus {
+    /// A bus on one [`InProcessTransport`] with default settings.
+    pub fn new() -> Self {
+        Self::builder()
+            .build()
+            .unwrap_or_else(|_| unreachable!("the default configuration is valid"))
+    }
+
+    /// Starts a [`BusBuilder`].
+    pub fn builder() -> BusBuilder {
+        BusBuilder::default()
+    }
+
+    /// The handle of module `name`, through which it publishes and
+    /// subscribes. Cheap; call it as often as you like.
+    pub fn module(&self, name: impl Into<Cow<'static, str>>) -> Module {
+        Module {
+            bus: self.clone(),
+            name: name.into(),
+        }
+    }
+
+    /// The transport registered under `name` (for operations such as
+    /// listing dead letters).
+    pub fn transport(&self, name: &str) -> Option<Arc<dyn Transport>> {
+        self.inner
+            .transports
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t.clone())
+    }
+
+    /// The name of the transport that carries `event_name`.
+    pub fn route_of(&self, event_name: &str) -> &str {
+        &self.inner.transports[self.inner.route_index(event_name)].0
+    }
+
+    /// Stops every transport: no new publishes, in-flight handlers finish
+    /// until `deadline`, what is left is reported (and left unacknowledged
+    /// on brokers, for redelivery).
+    pub async fn shutdown(&self, deadline: Duration) -> Result<ShutdownReport> {
+        self.inner.closed.store(true, SeqCst);
+        let results = futures_util::future::join_all(
+            self.inner
+                .transports
+                .iter()
+                .map(|(_, t)| t.shutdown(deadline)),
+        )
+        .await;
+        let mut report = ShutdownReport::drained();
+        for r in results {
+            report.merge(r?);
+        }
+        Ok(report)
+    }
+}
+
+impl BusInner {
+    fn route_index(&self, event_name: &str) -> usize {
+        self.routes
+            .iter()
+            .find(|(r, _)| r.matches(event_name))
+            .map_or(self.default, |(_, i)| *i)
+    }
+}
+
+/// Options of one publish: partition key, subject, correlation, headers.
+///
+/// ```
+/// let opts = seambus::PublishOptions::new()
+///     .key("customer-42")
+///     .header("x-tenant", "acme");
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct PublishOptions {
+    key: Option<String>,
+    subject: Option<String>,
+    correlation_id: Option<String>,
+    traceparent: Option<String>,
+    headers: Vec<(String, String)>,
+}
+
+impl PublishOptions {
+    /// No options.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The partition key: events with one key are handled in publish order.
+    pub fn key(mut self, key: impl Into<String>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// The CloudEvents `subject`.
+    pub fn subject(mut self, subject: impl Into<String>) -> Self {
+        self.subject = Some(subject.into());
+        self
+    }
+
+    /// Sets the correlation id (otherwise inherited from the handler that
+    /// publishes, if any).
+    pub fn correlation_id(mut self, id: impl Into<String>) -> Self {
+        self.correlation_id = Some(id.into());
+        self
+    }
+
+    /// Sets the W3C `traceparent` (otherwise inherited from the handler that
+    /// publishes, if any).
+    pub fn traceparent(mut self, traceparent: impl Into<String>) -> Self {
+        self.traceparent = Some(traceparent.into());
+        self
+    }
+
+    /// Adds a user header.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+}
+
+/// A module's handle on the bus.
+#[derive(Clone)]
+pub struct Module {
+    bus: Bus,
+    name: Cow<'static, str>,
+}
+
+impl fmt::Debug for Module {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Module").field(&self.name).finish()
+    }
+}
+
+impl Module {
+    /// The module's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Publishes an event this module owns. Returns its envelope id once
+    /// the route's transport accepted it.
+    pub async fn publish<E: Event>(&self, event: E) -> Result<Uuid> {
+        self.publish_with(event, PublishOptions::default()).await
+    }
+
+    /// Publishes with [`PublishOptions`].
+    pub async fn publish_with<E: Event>(&self, event: E, options: PublishOptions) -> Result<Uuid> {
+        let bus = &*self.bus.inner;
+        if bus.closed.load(SeqCst) {
+            return Err(Error::closed());
+        }
+        if E::MODULE != self.name {
+            return Err(Error::new(
+                ErrorKind::NotOwner,
+                format!(
+                    "module `{}` cannot publish {} (owned by `{}`)",
+                    self.name,
+                    E::NAME,
+                    E::MODULE
+                ),
+            ));
+        }
+        validate_name(E::NAME)?;
+        if E::VERSION == 0 {
+            return Err(Error::new(
+                ErrorKind::InvalidName,
+                format!("{}: versions start at 1", E::NAME),
+            ));
+        }
+        let attrs = self.attributes::<E>(options)?;
+        let index = bus.route_index(E::NAME);
+        let (_, transport) = &bus.transports[index];
+        let caps = &bus.capabilities[index];
+        let envelope = if caps.shares_values && !bus.verify_codec {
+            Envelope::typed(attrs, event)
+        } else {
+            let bytes = bus.codecs.default.encode(&event)?;
+            let limit = caps.max_payload.map_or(bus.max_payload, |m| m.min(bus.max_payload));
+            if bytes.len() > limit {
+                return Err(Error::new(
+                    ErrorKind::PayloadTooLarge,
+                    format!(
+                        "{} encodes to {} bytes, over the limit of {limit}",
+                        E::NAME,
+                        bytes.len()
+                    ),
+                ));
+            }
+            if bus.verify_codec {
+                crate::codec::decode::<E>(&*bus.codecs.default, &bytes).map_err(|e| {
+                    Error::new(
+                        ErrorKind::Decode,
+                        format!(
+                            "{} does not survive its codec (it could not cross a broker): {}",
+                            std::any::type_name::<E>(),
+                            e.message()
+                        ),
+                    )
+                })?;
+            }
+            Envelope::from_bytes(attrs, bytes)
+        };
+        let id = envelope.id();
+        let span = tracing::debug_span!(
+            "seambus.publish",
+            module = %self.name,
+            event = E::NAME,
+            version = E::VERSION,
+            %id,
+            transport = %bus.transports[index].0,
+        );
+        match transport.try_publish(envelope) {
+            TryPublish::Done(result) => result?,
+            TryPublish::Pending(envelope) => transport.publish(envelope).instrument(span).await?,
+        }
+        Ok(id)
+    }
+
+    fn attributes<E: Event>(&self, options: PublishOptions) -> Result<Attributes> {
+        let mut attrs = Attributes::new(E::MODULE, E::NAME, E::VERSION);
+        attrs.data_content_type = Cow::Borrowed(self.bus.inner.codecs.default.content_type());
+        let PublishOptions {
+            key,
+            subject,
+            correlation_id,
+            traceparent,
+            headers,
+        } = options;
+        attrs.partition_key = key;
+        attrs.subject = subject;
+        attrs.correlation_id = correlation_id;
+        attrs.traceparent = traceparent;
+        // Inside a handler: link the new event to the one being handled.
+        let _ = CURRENT.try_with(|parent| {
+            let p = parent.attributes();
+            attrs.causation_id = Some(p.id.to_string());
+            if attrs.correlation_id.is_none() {
+                attrs.correlation_id =
+                    Some(p.correlation_id.clone().unwrap_or_else(|| p.id.to_string()));
+            }
+            if attrs.traceparent.is_none() {
+                attrs.traceparent = p.traceparent.clone();
+            }
+        });
+        for (name, value) in &headers {
+            validate_header(name, value)?;
+        }
+        attrs.headers = headers;
+        attrs.validate()?;
+        Ok(attrs)
+    }
+
+    /// Subscribes this module to events of type `E` (inferred from the
+    /// handler's first argument). Set options on the returned builder, then
+    /// `.await` it.
+    pub fn subscribe<E: Event, H: Handler<E>>(&self, handler: H) -> SubscribeBuilder<E, H> {
+        SubscribeBuilder {
+            module: self.clone(),
+            handler,
+            name: None,
+            spec_concurrency: 1,
+            retry: RetryPolicy::default(),
+            ordering: Ordering::default(),
+            dispatch: Dispatch::default(),
+            _event: PhantomData,
+        }
+    }
+}
+
+/// Options of a subscription; `.await` it to subscribe.
+#[must_use = "a subscription starts only when the builder is awaited"]
+pub struct SubscribeBuilder<E, H> {
+    module: Module,
+    handler: H,
+    name: Option<String>,
+    spec_concurrency: usize,
+    retry: RetryPolicy,
+    ordering: Ordering,
+    dispatch: Dispatch,
+    _event: PhantomData<fn() -> E>,
+}
+
+impl<E: Event, H: Handler<E>> SubscribeBuilder<E, H> {
+    /// The subscription's name, unique within the module (default: the
+    /// event name). Two handlers of one module for one event need two names.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// How many events this process handles at once for this subscription.
+    /// Default 1.
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.spec_concurrency = n;
+        self
+    }
+
+    /// Attempts before dead-lettering (default 5).
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.retry = self.retry.with_max_attempts(n);
+        self
+    }
+
+    /// First and largest retry delay.
+    pub fn backoff(mut self, initial: Duration, max: Duration) -> Self {
+        self.retry = self.retry.with_backoff(initial, max);
+        self
+    }
+
+    /// The whole retry policy.
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// Per-key ordering (default [`Ordering::ByKey`]).
+    pub fn ordering(mut self, ordering: Ordering) -> Self {
+        self.ordering = ordering;
+        self
+    }
+
+    /// Queued (default) or inline dispatch.
+    pub fn dispatch(mut self, dispatch: Dispatch) -> Self {
+        self.dispatch = dispatch;
+        self
+    }
+
+    async fn start(self) -> Result<Subscription> {
+        let bus = &self.module.bus.inner;
+        if bus.closed.load(SeqCst) {
+            return Err(Error::closed());
+        }
+        validate_name(&self.module.name)?;
+        validate_name(E::NAME)?;
+        let subscription = self.name.unwrap_or_else(|| E::NAME.to_owned());
+        validate_name(&subscription)?;
+        if self.spec_concurrency == 0 {
+            return Err(Error::new(ErrorKind::Config, "concurrency must be at least 1"));
+        }
+        bus.upcasters.check_chain::<E>()?;
+        let index = bus.route_index(E::NAME);
+        let (transport_name, transport) = &bus.transports[index];
+        let caps = &bus.capabilities[index];
+        if self.dispatch == Dispatch::Inline && !caps.inline_dispatch {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!("{} is routed to `{transport_name}`, which has no inline dispatch", E::NAME),
+            ));
+        }
+        if self.ordering == Ordering::ByKey && !caps.per_key_order {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "{} is routed to `{transport_name}`, which cannot keep per-key order; \
+                     subscribe with Ordering::Unordered",
+                    E::NAME
+                ),
+            ));
+        }
+        let group = GroupId::new(self.module.name.to_string(), subscription);
+        {
+            let mut subs = bus.subscriptions.lock().unwrap_or_else(PoisonError::into_inner);
+            if !subs.insert(group.clone()) {
+                return Err(Error::new(
+                    ErrorKind::DuplicateSubscription,
+                    format!(
+                        "module `{}` already has a subscription named `{}`; give the second one another .name()",
+                        group.module(),
+                        group.subscription()
+                    ),
+                ));
+            }
+        }
+        let stats = Arc::new(StatsCell::default());
+        let handler = TypedHandler::<E, H>::new(
+            self.handler,
+            group.clone(),
+            self.retry.max_attempts,
+            bus.upcasters.clone(),
+            bus.codecs.clone(),
+            stats.clone(),
+        );
+        let mut spec = SubscriptionSpec::new(group.clone(), E::NAME);
+        spec.concurrency = self.spec_concurrency;
+        spec.retry = self.retry;
+        spec.ordering = self.ordering;
+        spec.dispatch = self.dispatch;
+        match transport.subscribe(spec, Arc::new(handler)).await {
+            Ok(consumer) => Ok(Subscription {
+                bus: self.module.bus.clone(),
+                group,
+                transport: transport.clone(),
+                consumer,
+                stats,
+            }),
+            Err(e) => {
+                bus.subscriptions
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&group);
+                Err(e)
+            }
+        }
+    }
+}
+
+impl<E: Event, H: Handler<E>> IntoFuture for SubscribeBuilder<E, H> {
+    type Output = Result<Subscription>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Result<Subscription>> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(self.start())
+    }
+}
+
+/// A running subscription. Dropping it does not stop it; call
+/// [`Subscription::close`].
+pub struct Subscription {
+    bus: Bus,
+    group: GroupId,
+    transport: Arc<dyn Transport>,
+    consumer: Box<dyn Consumer>,
+    stats: Arc<StatsCell>,
+}
+
+impl fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Subscription")
+            .field("group", &self.group)
+            .field("transport", &self.transport.name())
+            .finish()
+    }
+}
+
+impl Subscription {
+    /// The group this subscription works for.
+    pub fn group(&self) -> &GroupId {
+        &self.group
+    }
+
+    /// Counters of this subscription in this process.
+    pub fn stats(&self) -> Stats {
+        self.stats.snapshot()
+    }
+
+    /// The group's dead letters, oldest first.
+    pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>> {
+        self.transport.dead_letters(&self.group).await
+    }
+
+    /// Sends dead letters (those with `ids`, or all) back to this group.
+    /// They are upcast again on the way, like any delivery.
+    pub async fn redrive(&self, ids: Option<&[Uuid]>) -> Result<usize> {
+        self.transport.redrive(&self.group, ids).await
+    }
+
+    /// Stops this subscription after its in-flight handlers finish. The
+    /// group and its pending events stay on the transport; subscribing
+    /// again with the same module and name resumes them.
+    pub async fn close(self) -> Result<()> {
+        let result = self.consumer.close().await;
+        self.bus
+            .inner
+            .subscriptions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.group);
+        result
+    }
+}

@@ -1,0 +1,92 @@
+//! Codecs turn typed events into payload bytes and back.
+
+use serde::de::DeserializeOwned;
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// The content type of [`JsonCodec`].
+pub const JSON_CONTENT_TYPE: &str = "application/json";
+
+/// The visitor a codec hands its deserializer to.
+pub type Visit<'a> =
+    dyn FnMut(&mut dyn erased_serde::Deserializer<'_>) -> Result<(), erased_serde::Error> + 'a;
+
+/// Encodes and decodes payloads for one content type.
+///
+/// The trait is object-safe (through `erased-serde`) so codecs can be chosen
+/// at run time by an envelope's `datacontenttype`. JSON ([`JsonCodec`]) is the
+/// default; register others with [`crate::BusBuilder::codec`].
+pub trait Codec: Send + Sync + 'static {
+    /// The `datacontenttype` this codec writes and reads.
+    fn content_type(&self) -> &'static str;
+
+    /// Encodes a value.
+    fn encode(&self, value: &dyn erased_serde::Serialize) -> Result<Vec<u8>>;
+
+    /// Builds a deserializer over `bytes` and hands it to `visit`. Must fail
+    /// if bytes are left over after the value.
+    fn decode_with(&self, bytes: &[u8], visit: &mut Visit<'_>) -> Result<()>;
+}
+
+/// Decodes a typed value with a codec.
+pub fn decode<T: DeserializeOwned>(codec: &dyn Codec, bytes: &[u8]) -> Result<T> {
+    let mut out = None;
+    codec.decode_with(bytes, &mut |de| {
+        out = Some(erased_serde::deserialize::<T>(de)?);
+        Ok(())
+    })?;
+    out.ok_or_else(|| Error::new(ErrorKind::Decode, "codec produced no value"))
+}
+
+/// JSON through `serde_json`; content type `application/json`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct JsonCodec;
+
+impl Codec for JsonCodec {
+    fn content_type(&self) -> &'static str {
+        JSON_CONTENT_TYPE
+    }
+
+    fn encode(&self, value: &dyn erased_serde::Serialize) -> Result<Vec<u8>> {
+        serde_json::to_vec(value)
+            .map_err(|e| Error::new(ErrorKind::Encode, format!("JSON encode: {e}")).with_source(e))
+    }
+
+    fn decode_with(&self, bytes: &[u8], visit: &mut Visit<'_>) -> Result<()> {
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        visit(&mut <dyn erased_serde::Deserializer>::erase(&mut de))
+            .map_err(|e| Error::new(ErrorKind::Decode, format!("JSON decode: {e}")))?;
+        de.end()
+            .map_err(|e| Error::new(ErrorKind::Decode, format!("JSON decode: {e}")).with_source(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct Sample {
+        a: u32,
+        b: String,
+    }
+
+    #[test]
+    fn json_round_trip() {
+        let value = Sample {
+            a: 7,
+            b: "x".into(),
+        };
+        let bytes = JsonCodec.encode(&value).unwrap();
+        assert_eq!(decode::<Sample>(&JsonCodec, &bytes).unwrap(), value);
+    }
+
+    #[test]
+    fn bad_bytes_are_a_decode_error() {
+        for bad in [&b"{"[..], b"not json", b"{\"a\":1}", b"{\"a\":1,\"b\":\"x\"} trailing"] {
+            let err = decode::<Sample>(&JsonCodec, bad).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Decode, "{bad:?}");
+        }
+    }
+}

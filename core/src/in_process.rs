@@ -1,0 +1,793 @@
+//! The in-process transport: the embedded default, with broker semantics
+//! (groups, per-key order, bounded queues, delayed retries, dead letters,
+//! graceful shutdown) and no serialization.
+
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, Semaphore};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::envelope::Envelope;
+use crate::error::{Error, ErrorKind, Result};
+use crate::transport::{
+    Capabilities, Consumer, DeadLetter, DeadLetterReason, Delivery, DeliveryHandler, Dispatch,
+    GroupId, Ordering, Outcome, RetryPolicy, ShutdownReport, SubscriptionSpec, Transport,
+    TryPublish, Unfinished,
+};
+
+/// What `publish` does when a group's queue is full.
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
+    /// Wait until there is room (backpressure). The default.
+    #[default]
+    Wait,
+    /// Fail at once with [`ErrorKind::QueueFull`] (retryable).
+    Fail,
+}
+
+/// Configuration of the [`InProcessTransport`].
+#[non_exhaustive]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct InProcessConfig {
+    /// Events a group may hold at once (queued, waiting for their key,
+    /// waiting to retry, or being handled). Default 1024.
+    pub queue_capacity: usize,
+    /// What `publish` does when a group is full. Default [`WhenFull::Wait`].
+    pub when_full: WhenFull,
+    /// Dead letters kept in memory; past this the oldest is dropped with an
+    /// error log. Default 10 000.
+    pub dead_letter_capacity: usize,
+}
+
+impl Default for InProcessConfig {
+    fn default() -> Self {
+        Self {
+            queue_capacity: 1024,
+            when_full: WhenFull::Wait,
+            dead_letter_capacity: 10_000,
+        }
+    }
+}
+
+impl InProcessConfig {
+    /// Sets [`InProcessConfig::queue_capacity`] (at least 1).
+    pub fn with_queue_capacity(mut self, n: usize) -> Self {
+        self.queue_capacity = n.max(1);
+        self
+    }
+
+    /// Sets [`InProcessConfig::when_full`].
+    pub fn with_when_full(mut self, when_full: WhenFull) -> Self {
+        self.when_full = when_full;
+        self
+    }
+
+    /// Sets [`InProcessConfig::dead_letter_capacity`].
+    pub fn with_dead_letter_capacity(mut self, n: usize) -> Self {
+        self.dead_letter_capacity = n;
+        self
+    }
+}
+
+/// The embedded transport: every module in one process, no broker.
+///
+/// It keeps the semantics of a broker so that moving a flow to one later
+/// changes nothing for handlers:
+/// - **groups**: every subscribing group gets every event; inside a group
+///   each event runs on one worker (`concurrency` workers per subscription);
+/// - **per-key order**: events with one partition key run one at a time in
+///   publish order, also across retries, while other keys go on;
+/// - **bounded queues**: a full group makes `publish` wait (or fail, see
+///   [`WhenFull`]);
+/// - **retries** are timers, not sleeping workers, so a waiting retry never
+///   blocks other keys; after the last attempt the event is dead-lettered;
+/// - **dead letters** are kept in memory, listed and redriven through
+///   [`Transport::dead_letters`] and [`Transport::redrive`];
+/// - **shutdown** drains until the deadline and hands back what is left in
+///   [`ShutdownReport::unfinished`].
+///
+/// Events are not persistent: they live in this process.
+pub struct InProcessTransport {
+    shared: Arc<Shared>,
+}
+
+impl Default for InProcessTransport {
+    fn default() -> Self {
+        Self::new(InProcessConfig::default())
+    }
+}
+
+impl std::fmt::Debug for InProcessTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InProcessTransport")
+            .field("config", &self.shared.config)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Shared {
+    config: InProcessConfig,
+    topics: RwLock<HashMap<String, Topic>>,
+    groups: Mutex<HashMap<GroupId, Arc<Group>>>,
+    dead: Mutex<VecDeque<DeadLetter>>,
+    closed: AtomicBool,
+    /// Fired when the shutdown deadline passes: in-flight work is abandoned.
+    stop: CancellationToken,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+/// The groups subscribed to one event name (copy-on-write lists).
+#[derive(Clone, Default)]
+struct Topic {
+    queued: Arc<[Arc<Group>]>,
+    inline: Arc<[Arc<InlineGroup>]>,
+}
+
+struct InlineGroup {
+    id: GroupId,
+    handler: Arc<dyn DeliveryHandler>,
+    retry: RetryPolicy,
+}
+
+struct Group {
+    id: GroupId,
+    event_type: String,
+    ordered: bool,
+    permits: Semaphore,
+    state: Mutex<GroupState>,
+    /// Workers wait here for work.
+    work: Notify,
+    /// Shutdown waits here for `outstanding == 0` or no workers.
+    changed: Notify,
+}
+
+#[derive(Default)]
+struct GroupState {
+    /// New events in publish order.
+    queue: VecDeque<Delivery>,
+    /// Events that may run now and own their key (retries that are due,
+    /// successors of a finished key).
+    ready: VecDeque<Delivery>,
+    /// Keys being handled or retried, with the events waiting behind them.
+    busy_keys: HashMap<u64, VecDeque<Delivery>>,
+    /// Retries waiting for their time.
+    delayed: BTreeMap<(Instant, u64), Delivery>,
+    seq: u64,
+    /// Accepted and not finished (the semaphore's view, counted here too so
+    /// shutdown can wait for zero).
+    outstanding: usize,
+    workers: usize,
+    draining: bool,
+    /// In-flight events abandoned at the shutdown deadline.
+    abandoned: Vec<Envelope>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks cannot leave the state half
+    // written (every critical section is a few plain moves), so a poisoned
+    // lock is still usable.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Group {
+    fn key_of(&self, d: &Delivery, hasher: &impl BuildHasher) -> Option<u64> {
+        if !self.ordered {
+            return None;
+        }
+        let key = d.envelope.attributes().partition_key.as_deref()?;
+        let mut h = hasher.build_hasher();
+        key.hash(&mut h);
+        Some(h.finish())
+    }
+
+    /// Takes the next runnable delivery, parking events whose key is busy.
+    fn take(&self, st: &mut GroupState, hasher: &impl BuildHasher) -> Option<Delivery> {
+        if let Some(d) = st.ready.pop_front() {
+            return Some(d);
+        }
+        while let Some(d) = st.queue.pop_front() {
+            if let Some(k) = self.key_of(&d, hasher) {
+                match st.busy_keys.entry(k) {
+                    Entry::Occupied(mut waiting) => {
+                        waiting.get_mut().push_back(d);
+                        continue;
+                    }
+                    Entry::Vacant(slot) => {
+                        slot.insert(VecDeque::new());
+                    }
+                }
+            }
+            return Some(d);
+        }
+        None
+    }
+
+    /// The delivery is done for good (acked or dead-lettered): release its
+    /// key to the next event waiting on it, and its queue slot.
+    fn finish(&self, d: &Delivery, hasher: &impl BuildHasher) {
+        let mut st = lock(&self.state);
+        if let Some(k) = self.key_of(d, hasher) {
+            if let Entry::Occupied(mut waiting) = st.busy_keys.entry(k) {
+                match waiting.get_mut().pop_front() {
+                    Some(next) => st.ready.push_back(next),
+                    None => {
+                        waiting.remove();
+                    }
+                }
+            }
+        }
+        st.outstanding -= 1;
+        let idle = st.outstanding == 0;
+        drop(st);
+        self.permits.add_permits(1);
+        if idle {
+            self.changed.notify_waiters();
+            self.work.notify_waiters();
+        }
+    }
+
+    fn push(&self, envelope: Envelope, attempt: u32) {
+        let mut st = lock(&self.state);
+        st.queue.push_back(Delivery { envelope, attempt });
+        st.outstanding += 1;
+        drop(st);
+        self.work.notify_one();
+    }
+
+    /// Keeps the key busy and brings the delivery back after `delay`.
+    fn retry_later(self: &Arc<Self>, d: Delivery, delay: Duration) {
+        let at = Instant::now() + delay;
+        {
+            let mut st = lock(&self.state);
+            st.seq += 1;
+            let seq = st.seq;
+            st.delayed.insert(
+                (at, seq),
+                Delivery {
+                    envelope: d.envelope,
+                    attempt: d.attempt + 1,
+                },
+            );
+        }
+        let group = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(at).await;
+            let mut st = lock(&group.state);
+            let now = Instant::now();
+            let mut moved = 0;
+            while let Some(entry) = st.delayed.first_entry() {
+                if entry.key().0 > now {
+                    break;
+                }
+                let d = entry.remove();
+                st.ready.push_back(d);
+                moved += 1;
+            }
+            drop(st);
+            for _ in 0..moved {
+                group.work.notify_one();
+            }
+        });
+    }
+
+    /// Everything not finished, for the shutdown report.
+    fn take_unfinished(&self) -> Vec<Envelope> {
+        let mut st = lock(&self.state);
+        let st = &mut *st;
+        let mut out = std::mem::take(&mut st.abandoned);
+        out.extend(st.ready.drain(..).map(|d| d.envelope));
+        out.extend(std::mem::take(&mut st.delayed).into_values().map(|d| d.envelope));
+        out.extend(
+            st.busy_keys
+                .drain()
+                .flat_map(|(_, waiting)| waiting)
+                .map(|d| d.envelope),
+        );
+        out.extend(st.queue.drain(..).map(|d| d.envelope));
+        out
+    }
+}
+
+impl InProcessTransport {
+    /// A transport with `config`.
+    pub fn new(config: InProcessConfig) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                config,
+                topics: RwLock::default(),
+                groups: Mutex::default(),
+                dead: Mutex::default(),
+                closed: AtomicBool::new(false),
+                stop: CancellationToken::new(),
+                hasher: Default::default(),
+            }),
+        }
+    }
+
+    fn topic(&self, event_type: &str) -> Option<Topic> {
+        self.shared
+            .topics
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(event_type)
+            .cloned()
+    }
+
+    fn edit_topic(&self, event_type: &str, edit: impl FnOnce(&mut Topic)) {
+        let mut topics = self
+            .shared
+            .topics
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        edit(topics.entry(event_type.to_owned()).or_default());
+    }
+}
+
+impl Shared {
+    fn dead_letter(&self, dl: DeadLetter) {
+        tracing::warn!(
+            group = %dl.group,
+            id = %dl.envelope.id(),
+            reason = %dl.reason,
+            attempts = dl.attempts,
+            error = %dl.error,
+            "event dead-lettered"
+        );
+        let mut dead = lock(&self.dead);
+        if dead.len() >= self.config.dead_letter_capacity {
+            if let Some(old) = dead.pop_front() {
+                tracing::error!(
+                    group = %old.group,
+                    id = %old.envelope.id(),
+                    "in-process dead-letter store full: dropping the oldest dead letter"
+                );
+            }
+        }
+        if self.config.dead_letter_capacity > 0 {
+            dead.push_back(dl);
+        }
+    }
+
+    fn closed_error() -> Error {
+        Error::new(ErrorKind::Closed, "the in-process transport is shut down")
+    }
+
+    /// Runs inline subscriptions in the publisher's task, with retries.
+    async fn run_inline(&self, group: &InlineGroup, envelope: &Envelope) {
+        let mut attempt = 1;
+        loop {
+            let delivery = Delivery {
+                envelope: envelope.clone(),
+                attempt,
+            };
+            let (reason, error) = match group.handler.handle(delivery).await {
+                Outcome::Ack => return,
+                Outcome::Retry { .. } if attempt < group.retry.max_attempts => {
+                    tokio::time::sleep(group.retry.delay(attempt)).await;
+                    attempt += 1;
+                    continue;
+                }
+                Outcome::Retry { error } => (DeadLetterReason::MaxAttempts, error),
+                Outcome::DeadLetter { reason, error } => (reason, error),
+            };
+            self.dead_letter(DeadLetter::new(
+                envelope.clone(),
+                group.id.clone(),
+                reason,
+                error,
+                attempt,
+            ));
+            return;
+        }
+    }
+}
+
+/// Releases permits taken from groups `0..n` after a failed publish.
+fn give_back(groups: &[Arc<Group>]) {
+    for g in groups {
+        g.permits.add_permits(1);
+    }
+}
+
+#[async_trait]
+impl Transport for InProcessTransport {
+    fn name(&self) -> &str {
+        "in-process"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let mut caps = Capabilities::none();
+        caps.consumer_groups = true;
+        caps.per_key_order = true;
+        caps.native_delayed_retry = true;
+        caps.inline_dispatch = true;
+        caps.shares_values = true;
+        caps.dead_letter_store = true;
+        caps.duplicates = false;
+        caps
+    }
+
+    fn try_publish(&self, envelope: Envelope) -> TryPublish {
+        if self.shared.closed.load(SeqCst) {
+            return TryPublish::Done(Err(Shared::closed_error()));
+        }
+        let Some(topic) = self.topic(envelope.event_type()) else {
+            return TryPublish::Done(Ok(()));
+        };
+        if !topic.inline.is_empty() {
+            return TryPublish::Pending(envelope);
+        }
+        for (i, g) in topic.queued.iter().enumerate() {
+            match g.permits.try_acquire() {
+                Ok(permit) => permit.forget(),
+                Err(_) => {
+                    give_back(&topic.queued[..i]);
+                    if self.shared.config.when_full == WhenFull::Fail || g.permits.is_closed() {
+                        return TryPublish::Done(Err(full_or_closed(g)));
+                    }
+                    return TryPublish::Pending(envelope);
+                }
+            }
+        }
+        for g in topic.queued.iter() {
+            g.push(envelope.clone(), 1);
+        }
+        TryPublish::Done(Ok(()))
+    }
+
+    async fn publish(&self, envelope: Envelope) -> Result<()> {
+        if self.shared.closed.load(SeqCst) {
+            return Err(Shared::closed_error());
+        }
+        let Some(topic) = self.topic(envelope.event_type()) else {
+            return Ok(());
+        };
+        for (i, g) in topic.queued.iter().enumerate() {
+            let taken = match self.shared.config.when_full {
+                WhenFull::Wait => g.permits.acquire().await.map_err(|_| ()),
+                WhenFull::Fail => g.permits.try_acquire().map_err(|_| ()),
+            };
+            match taken {
+                Ok(permit) => permit.forget(),
+                Err(()) => {
+                    give_back(&topic.queued[..i]);
+                    return Err(full_or_closed(g));
+                }
+            }
+        }
+        for g in topic.queued.iter() {
+            g.push(envelope.clone(), 1);
+        }
+        for group in topic.inline.iter() {
+            self.shared.run_inline(group, &envelope).await;
+        }
+        Ok(())
+    }
+
+    async fn subscribe(
+        &self,
+        spec: SubscriptionSpec,
+        handler: Arc<dyn DeliveryHandler>,
+    ) -> Result<Box<dyn Consumer>> {
+        if self.shared.closed.load(SeqCst) {
+            return Err(Shared::closed_error());
+        }
+        if spec.concurrency == 0 {
+            return Err(Error::new(ErrorKind::Config, "concurrency must be at least 1"));
+        }
+        if spec.dispatch == Dispatch::Inline {
+            let inline = Arc::new(InlineGroup {
+                id: spec.group.clone(),
+                handler,
+                retry: spec.retry.clone(),
+            });
+            self.edit_topic(&spec.event_type, |t| {
+                t.inline = t.inline.iter().cloned().chain([inline.clone()]).collect();
+            });
+            return Ok(Box::new(InlineConsumer {
+                transport: self.shared.clone(),
+                event_type: spec.event_type.to_string(),
+                group: inline,
+            }));
+        }
+        let group = {
+            let mut groups = lock(&self.shared.groups);
+            match groups.get(&spec.group) {
+                Some(g) if g.event_type != spec.event_type => {
+                    return Err(Error::new(
+                        ErrorKind::Config,
+                        format!(
+                            "group {} is subscribed to {}, not {}",
+                            spec.group, g.event_type, spec.event_type
+                        ),
+                    ))
+                }
+                Some(g) => g.clone(),
+                None => {
+                    let g = Arc::new(Group {
+                        id: spec.group.clone(),
+                        event_type: spec.event_type.to_string(),
+                        ordered: spec.ordering == Ordering::ByKey,
+                        permits: Semaphore::new(self.shared.config.queue_capacity),
+                        state: Mutex::default(),
+                        work: Notify::new(),
+                        changed: Notify::new(),
+                    });
+                    groups.insert(spec.group.clone(), g.clone());
+                    self.edit_topic(&spec.event_type, |t| {
+                        t.queued = t.queued.iter().cloned().chain([g.clone()]).collect();
+                    });
+                    g
+                }
+            }
+        };
+        let detach = CancellationToken::new();
+        lock(&group.state).workers += spec.concurrency;
+        let workers = (0..spec.concurrency)
+            .map(|_| {
+                tokio::spawn(run_worker(
+                    self.shared.clone(),
+                    group.clone(),
+                    handler.clone(),
+                    spec.retry.clone(),
+                    detach.clone(),
+                ))
+            })
+            .collect();
+        Ok(Box::new(QueuedConsumer {
+            detach,
+            workers: Mutex::new(workers),
+        }))
+    }
+
+    async fn dead_letters(&self, group: &GroupId) -> Result<Vec<DeadLetter>> {
+        Ok(lock(&self.shared.dead)
+            .iter()
+            .filter(|d| &d.group == group)
+            .cloned()
+            .collect())
+    }
+
+    async fn redrive(&self, group: &GroupId, ids: Option<&[Uuid]>) -> Result<usize> {
+        let target = lock(&self.shared.groups).get(group).cloned();
+        let inline = if target.is_none() {
+            self.topic_of_inline(group)
+        } else {
+            None
+        };
+        if target.is_none() && inline.is_none() {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!("group {group} has no subscription on this transport to redrive to"),
+            ));
+        }
+        let picked: Vec<DeadLetter> = {
+            let mut dead = lock(&self.shared.dead);
+            let (take, keep): (Vec<_>, Vec<_>) = dead.drain(..).partition(|d| {
+                &d.group == group && ids.is_none_or(|ids| ids.contains(&d.envelope.id()))
+            });
+            *dead = keep.into();
+            take
+        };
+        let n = picked.len();
+        for dl in picked {
+            if let Some(g) = &target {
+                match g.permits.acquire().await {
+                    Ok(p) => p.forget(),
+                    Err(_) => {
+                        self.shared.dead_letter(dl);
+                        return Err(Shared::closed_error());
+                    }
+                }
+                g.push(dl.envelope, 1);
+            } else if let Some(inline) = &inline {
+                self.shared.run_inline(inline, &dl.envelope).await;
+            }
+        }
+        Ok(n)
+    }
+
+    async fn shutdown(&self, deadline: Duration) -> Result<ShutdownReport> {
+        self.shared.closed.store(true, SeqCst);
+        let groups: Vec<Arc<Group>> = lock(&self.shared.groups).values().cloned().collect();
+        for g in &groups {
+            g.permits.close();
+            lock(&g.state).draining = true;
+            g.work.notify_waiters();
+        }
+        let drain = async {
+            for g in &groups {
+                wait_for(g, |st| st.outstanding == 0 || st.workers == 0).await;
+            }
+        };
+        let in_time = tokio::time::timeout(deadline, drain).await.is_ok();
+        // Abandon what is still running and wait for the workers to leave.
+        self.shared.stop.cancel();
+        for g in &groups {
+            wait_for(g, |st| st.workers == 0).await;
+        }
+        let mut report = ShutdownReport::drained();
+        for g in &groups {
+            for envelope in g.take_unfinished() {
+                report
+                    .unfinished
+                    .push(Unfinished::new(g.id.clone(), envelope));
+            }
+        }
+        report.drained = in_time && report.unfinished.is_empty();
+        if !report.unfinished.is_empty() {
+            tracing::warn!(
+                unfinished = report.unfinished.len(),
+                "in-process shutdown left events unhandled; they are in the report"
+            );
+        }
+        Ok(report)
+    }
+}
+
+impl InProcessTransport {
+    fn topic_of_inline(&self, group: &GroupId) -> Option<Arc<InlineGroup>> {
+        let topics = self
+            .shared
+            .topics
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        topics
+            .values()
+            .flat_map(|t| t.inline.iter())
+            .find(|g| &g.id == group)
+            .cloned()
+    }
+}
+
+fn full_or_closed(g: &Group) -> Error {
+    if g.permits.is_closed() {
+        Shared::closed_error()
+    } else {
+        Error::new(
+            ErrorKind::QueueFull,
+            format!("the queue of group {} is full", g.id),
+        )
+    }
+}
+
+/// Waits until `done(state)` holds, re-checking whenever the group changes.
+async fn wait_for(g: &Group, done: impl Fn(&GroupState) -> bool) {
+    loop {
+        let changed = g.changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        if done(&lock(&g.state)) {
+            return;
+        }
+        changed.await;
+    }
+}
+
+async fn run_worker(
+    shared: Arc<Shared>,
+    group: Arc<Group>,
+    handler: Arc<dyn DeliveryHandler>,
+    retry: RetryPolicy,
+    detach: CancellationToken,
+) {
+    let stop = shared.stop.clone();
+    loop {
+        let work = group.work.notified();
+        tokio::pin!(work);
+        work.as_mut().enable();
+        let next = {
+            let mut st = lock(&group.state);
+            if detach.is_cancelled() || stop.is_cancelled() {
+                break;
+            }
+            match group.take(&mut st, &shared.hasher) {
+                Some(d) => Some(d),
+                None if st.draining && st.outstanding == 0 => break,
+                None => None,
+            }
+        };
+        let Some(delivery) = next else {
+            tokio::select! {
+                _ = &mut work => continue,
+                _ = detach.cancelled() => break,
+                _ = stop.cancelled() => break,
+            }
+        };
+        let outcome = tokio::select! {
+            biased;
+            _ = stop.cancelled() => {
+                // Deadline passed: not a failure, not dead-lettered; reported.
+                lock(&group.state).abandoned.push(delivery.envelope);
+                break;
+            }
+            outcome = handler.handle(delivery.clone()) => outcome,
+        };
+        match outcome {
+            Outcome::Ack => group.finish(&delivery, &shared.hasher),
+            Outcome::Retry { .. } if delivery.attempt < retry.max_attempts => {
+                let delay = retry.delay(delivery.attempt);
+                group.retry_later(delivery, delay);
+            }
+            Outcome::Retry { error } => {
+                shared.dead_letter(DeadLetter::new(
+                    delivery.envelope.clone(),
+                    group.id.clone(),
+                    DeadLetterReason::MaxAttempts,
+                    error,
+                    delivery.attempt,
+                ));
+                group.finish(&delivery, &shared.hasher);
+            }
+            Outcome::DeadLetter { reason, error } => {
+                shared.dead_letter(DeadLetter::new(
+                    delivery.envelope.clone(),
+                    group.id.clone(),
+                    reason,
+                    error,
+                    delivery.attempt,
+                ));
+                group.finish(&delivery, &shared.hasher);
+            }
+        }
+    }
+    lock(&group.state).workers -= 1;
+    group.changed.notify_waiters();
+}
+
+struct QueuedConsumer {
+    detach: CancellationToken,
+    workers: Mutex<Vec<JoinHandle<()>>>,
+}
+
+#[async_trait]
+impl Consumer for QueuedConsumer {
+    async fn close(&self) -> Result<()> {
+        self.detach.cancel();
+        let workers = std::mem::take(&mut *lock(&self.workers));
+        for w in workers {
+            w.await
+                .map_err(|e| Error::new(ErrorKind::Other, format!("worker task failed: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
+struct InlineConsumer {
+    transport: Arc<Shared>,
+    event_type: String,
+    group: Arc<InlineGroup>,
+}
+
+#[async_trait]
+impl Consumer for InlineConsumer {
+    async fn close(&self) -> Result<()> {
+        let mut topics = self
+            .transport
+            .topics
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(t) = topics.get_mut(&self.event_type) {
+            t.inline = t
+                .inline
+                .iter()
+                .filter(|g| !Arc::ptr_eq(g, &self.group))
+                .cloned()
+                .collect();
+        }
+        Ok(())
+    }
+}

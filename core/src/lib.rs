@@ -1,0 +1,33 @@
+#![doc = include_str!("../README.md")]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+extern crate self as seambus;
+
+mod bus;
+pub mod codec;
+mod envelope;
+mod error;
+mod event;
+mod handler;
+mod in_process;
+pub mod transport;
+mod upcast;
+
+#[cfg(feature = "conformance")]
+pub mod conformance;
+
+pub use bus::{
+    Bus, BusBuilder, Module, PublishOptions, SubscribeBuilder, Subscription, DEFAULT_MAX_PAYLOAD,
+};
+pub use envelope::{Attributes, Envelope, SPEC_VERSION};
+pub use error::{Error, ErrorKind, HandlerError, Result};
+pub use event::{validate_header, validate_name, Event};
+pub use handler::{Context, Handler, Received, Stats};
+pub use in_process::{InProcessConfig, InProcessTransport, WhenFull};
+pub use transport::{DeadLetter, DeadLetterReason, Dispatch, GroupId, Ordering, RetryPolicy, ShutdownReport};
+
+/// Derives [`Event`]: `#[derive(Event)] #[event(name = "orders.order_placed", version = 2)]`.
+///
+/// `name` is required and checked at compile time; `version` defaults to 1;
+/// `module` defaults to the name's first segment.
+pub use seambus_macros::Event;
