@@ -164,6 +164,7 @@ impl Attributes {
                 "specversion" if value != SPEC_VERSION => {
                     return Err(bad(format!("unsupported specversion {value:?}")))
                 }
+                "specversion" => {}
                 "id" => {
                     attrs.id = value
                         .parse()

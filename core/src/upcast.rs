@@ -250,3 +250,98 @@ impl Codecs {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::Attributes;
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, crate::Event)]
+    #[event(name = "orders.order_placed", version = 1)]
+    struct V1 {
+        id: u64,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, crate::Event)]
+    #[event(name = "orders.order_placed", version = 2)]
+    struct V2 {
+        id: u64,
+        note: String,
+    }
+
+    impl From<V1> for V2 {
+        fn from(v: V1) -> Self {
+            Self {
+                id: v.id,
+                note: "from v1".into(),
+            }
+        }
+    }
+
+    fn resolve<E: Event>(up: &Upcasters, env: &Envelope) -> std::result::Result<E, Rejection> {
+        match up.resolve::<E>(env, &Codecs::default())? {
+            Resolved::Owned(e) => Ok(e),
+            Resolved::Shared(_) => panic!("bytes never resolve to a shared value"),
+        }
+    }
+
+    fn upcasters() -> Upcasters {
+        let mut up = Upcasters::default();
+        up.register::<V1, V2>().unwrap();
+        up
+    }
+
+    #[test]
+    fn unknown_event_name_on_a_subscription_is_rejected() {
+        let env = Envelope::from_bytes(Attributes::new("x", "x.other", 1), &b"{}"[..]);
+        let (reason, error) = resolve::<V2>(&upcasters(), &env).unwrap_err();
+        assert_eq!(reason, DeadLetterReason::UnknownEvent);
+        assert!(error.contains("x.other"), "{error}");
+    }
+
+    #[test]
+    fn newer_and_zero_versions_are_unknown() {
+        for v in [0, 3] {
+            let env = Envelope::from_bytes(Attributes::new("orders", "orders.order_placed", v), &b"{}"[..]);
+            let (reason, _) = resolve::<V2>(&upcasters(), &env).unwrap_err();
+            assert_eq!(reason, DeadLetterReason::UnknownVersion, "v{v}");
+        }
+    }
+
+    #[test]
+    fn bytes_and_typed_values_upcast_alike() {
+        let up = upcasters();
+        let bytes = Envelope::from_bytes(
+            Attributes::new("orders", "orders.order_placed", 1),
+            &br#"{"id":4}"#[..],
+        );
+        let typed = Envelope::typed(Attributes::new("orders", "orders.order_placed", 1), V1 { id: 4 });
+        let want = V2 {
+            id: 4,
+            note: "from v1".into(),
+        };
+        assert_eq!(resolve::<V2>(&up, &bytes).unwrap(), want);
+        assert_eq!(resolve::<V2>(&up, &typed).unwrap(), want);
+    }
+
+    #[test]
+    fn unknown_content_type_and_bad_bytes_are_undecodable() {
+        let mut attrs = Attributes::new("orders", "orders.order_placed", 2);
+        attrs.data_content_type = "application/x-protobuf".into();
+        let env = Envelope::from_bytes(attrs, &b"\x08\x01"[..]);
+        let (reason, error) = resolve::<V2>(&upcasters(), &env).unwrap_err();
+        assert_eq!(reason, DeadLetterReason::Undecodable);
+        assert!(error.contains("no codec"), "{error}");
+        let env = Envelope::from_bytes(Attributes::new("orders", "orders.order_placed", 1), &b"[1,"[..]);
+        let (reason, _) = resolve::<V2>(&upcasters(), &env).unwrap_err();
+        assert_eq!(reason, DeadLetterReason::Undecodable);
+    }
+
+    #[test]
+    fn chain_check_names_the_missing_step() {
+        let err = Upcasters::default().check_chain::<V2>().unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::MissingUpcast);
+        upcasters().check_chain::<V2>().unwrap();
+    }
+}
