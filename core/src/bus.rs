@@ -20,8 +20,8 @@ use crate::event::{validate_header, validate_name};
 use crate::handler::{Handler, Stats, StatsCell, TypedHandler, CURRENT};
 use crate::in_process::InProcessTransport;
 use crate::transport::{
-    Capabilities, Consumer, DeadLetter, Dispatch, GroupId, Ordering, RetryPolicy,
-    ShutdownReport, SubscriptionSpec, Transport, TryPublish,
+    Capabilities, Consumer, DeadLetter, Dispatch, GroupId, Ordering, RetryPolicy, ShutdownReport,
+    SubscriptionSpec, Transport, TryPublish,
 };
 use crate::upcast::{Codecs, Upcasters};
 use crate::Event;
@@ -164,7 +164,8 @@ impl BusBuilder {
                 .iter()
                 .position(|(n, _)| n == name)
                 .ok_or_else(|| {
-                    let known: Vec<&str> = self.transports.iter().map(|(n, _)| n.as_str()).collect();
+                    let known: Vec<&str> =
+                        self.transports.iter().map(|(n, _)| n.as_str()).collect();
                     Error::new(
                         ErrorKind::Config,
                         format!("unknown transport `{name}`; known: {}", known.join(", ")),
@@ -189,7 +190,11 @@ impl BusBuilder {
         }
         // Most specific first: exact names, then longer prefixes.
         routes.sort_by_key(|(r, _)| std::cmp::Reverse(r.specificity()));
-        let capabilities = self.transports.iter().map(|(_, t)| t.capabilities()).collect();
+        let capabilities = self
+            .transports
+            .iter()
+            .map(|(_, t)| t.capabilities())
+            .collect();
         Ok(Bus {
             inner: Arc::new(BusInner {
                 transports: self.transports,
@@ -291,7 +296,12 @@ struct BusInner {
 
 impl fmt::Debug for Bus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let names: Vec<&str> = self.inner.transports.iter().map(|(n, _)| n.as_str()).collect();
+        let names: Vec<&str> = self
+            .inner
+            .transports
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect();
         f.debug_struct("Bus")
             .field("transports", &names)
             .field("verify_codec", &self.inner.verify_codec)
@@ -483,7 +493,9 @@ impl Module {
             Envelope::typed(attrs, event)
         } else {
             let bytes = bus.codecs.default.encode(&event)?;
-            let limit = caps.max_payload.map_or(bus.max_payload, |m| m.min(bus.max_payload));
+            let limit = caps
+                .max_payload
+                .map_or(bus.max_payload, |m| m.min(bus.max_payload));
             if bytes.len() > limit {
                 return Err(Error::new(
                     ErrorKind::PayloadTooLarge,
@@ -643,7 +655,10 @@ impl<E: Event, H: Handler<E>> SubscribeBuilder<E, H> {
         let subscription = self.name.unwrap_or_else(|| E::NAME.to_owned());
         validate_name(&subscription)?;
         if self.spec_concurrency == 0 {
-            return Err(Error::new(ErrorKind::Config, "concurrency must be at least 1"));
+            return Err(Error::new(
+                ErrorKind::Config,
+                "concurrency must be at least 1",
+            ));
         }
         bus.upcasters.check_chain::<E>()?;
         let index = bus.route_index(E::NAME);
@@ -652,7 +667,10 @@ impl<E: Event, H: Handler<E>> SubscribeBuilder<E, H> {
         if self.dispatch == Dispatch::Inline && !caps.inline_dispatch {
             return Err(Error::new(
                 ErrorKind::Unsupported,
-                format!("{} is routed to `{transport_name}`, which has no inline dispatch", E::NAME),
+                format!(
+                    "{} is routed to `{transport_name}`, which has no inline dispatch",
+                    E::NAME
+                ),
             ));
         }
         if self.ordering == Ordering::ByKey && !caps.per_key_order {
@@ -667,7 +685,10 @@ impl<E: Event, H: Handler<E>> SubscribeBuilder<E, H> {
         }
         let group = GroupId::new(self.module.name.to_string(), subscription);
         {
-            let mut subs = bus.subscriptions.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut subs = bus
+                .subscriptions
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             if !subs.insert(group.clone()) {
                 return Err(Error::new(
                     ErrorKind::DuplicateSubscription,

@@ -84,7 +84,12 @@ mod tests {
 
     #[test]
     fn bad_bytes_are_a_decode_error() {
-        for bad in [&b"{"[..], b"not json", b"{\"a\":1}", b"{\"a\":1,\"b\":\"x\"} trailing"] {
+        for bad in [
+            &b"{"[..],
+            b"not json",
+            b"{\"a\":1}",
+            b"{\"a\":1,\"b\":\"x\"} trailing",
+        ] {
             let err = decode::<Sample>(&JsonCodec, bad).unwrap_err();
             assert_eq!(err.kind(), ErrorKind::Decode, "{bad:?}");
         }

@@ -210,7 +210,10 @@ impl Tally {
         let foreign = seen.keys().filter(|id| !ids.contains(id)).count();
         let doubled = seen.values().filter(|&&n| n > 1).count();
         assert_eq!(missing, 0, "{what}: {missing} of {} ids missing", ids.len());
-        assert_eq!(foreign, 0, "{what}: {foreign} ids that were never published");
+        assert_eq!(
+            foreign, 0,
+            "{what}: {foreign} ids that were never published"
+        );
         if !duplicates_ok {
             assert_eq!(doubled, 0, "{what}: {doubled} ids handled more than once");
         }
@@ -413,7 +416,11 @@ pub async fn envelope_intact(h: &dyn Harness) {
     let pong = pongs.lock().unwrap()[0].clone();
     let pa = pong.attributes();
     assert_eq!(pa.causation_id, Some(id.to_string()), "causation id");
-    assert_eq!(pa.correlation_id.as_deref(), Some("corr-1"), "correlation id");
+    assert_eq!(
+        pa.correlation_id.as_deref(),
+        Some("corr-1"),
+        "correlation id"
+    );
     assert_eq!(pa.traceparent, a.traceparent, "traceparent propagated");
     assert_ne!(pa.id, id);
     finish(h, &ns, &bus).await;
@@ -457,9 +464,21 @@ pub async fn topics_isolated(h: &dyn Harness) {
     let bus = bus_on(transport);
     let (tp, tg, tt) = (Tally::new(), Tally::new(), Tally::new());
     let m = bus.module("listener");
-    let s1 = m.subscribe(record_into::<Ping>(&tp)).concurrency(2).await.unwrap();
-    let s2 = m.subscribe(record_into::<Pong>(&tg)).concurrency(2).await.unwrap();
-    let s3 = m.subscribe(record_into::<Tick>(&tt)).concurrency(2).await.unwrap();
+    let s1 = m
+        .subscribe(record_into::<Ping>(&tp))
+        .concurrency(2)
+        .await
+        .unwrap();
+    let s2 = m
+        .subscribe(record_into::<Pong>(&tg))
+        .concurrency(2)
+        .await
+        .unwrap();
+    let s3 = m
+        .subscribe(record_into::<Tick>(&tt))
+        .concurrency(2)
+        .await
+        .unwrap();
     let publisher = bus.module(MODULE);
     let (mut ip, mut ig, mut it) = (HashSet::new(), HashSet::new(), HashSet::new());
     for seq in 0..300 {
@@ -482,7 +501,11 @@ pub async fn topics_isolated(h: &dyn Harness) {
     tg.assert_exactly("pongs", &ig, dup);
     tt.assert_exactly("ticks", &it, dup);
     for s in [&s1, &s2, &s3] {
-        assert_eq!(s.stats().dead_lettered, 0, "no event crossed into another topic");
+        assert_eq!(
+            s.stats().dead_lettered,
+            0,
+            "no event crossed into another topic"
+        );
     }
     finish(h, &ns, &bus).await;
 }
@@ -532,7 +555,10 @@ pub async fn groups_fan_out_and_compete(h: &dyn Harness) {
     audit.assert_exactly("audit group", &ids, caps.duplicates);
     billing.assert_exactly("billing group", &ids, caps.duplicates);
     let (a, b) = (on_a.load(SeqCst), on_b.load(SeqCst));
-    assert!(a > 0 && b > 0, "both workers of the billing group took events ({a} / {b})");
+    assert!(
+        a > 0 && b > 0,
+        "both workers of the billing group took events ({a} / {b})"
+    );
     let _ = bus_b.shutdown(Duration::from_secs(10)).await;
     finish(h, &ns, &bus_a).await;
 }
@@ -551,7 +577,13 @@ pub async fn per_key_order(h: &dyn Harness) {
     let failed_once: Arc<Mutex<HashSet<u64>>> = Arc::default();
     let (running, peak) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let tally = Tally::new();
-    let (l, f, r, p, t) = (log.clone(), failed_once.clone(), running.clone(), peak.clone(), tally.clone());
+    let (l, f, r, p, t) = (
+        log.clone(),
+        failed_once.clone(),
+        running.clone(),
+        peak.clone(),
+        tally.clone(),
+    );
     let _sub = bus
         .module("ledger")
         .subscribe(move |ping: Received<Ping>, ctx: Context| {
@@ -563,7 +595,9 @@ pub async fn per_key_order(h: &dyn Harness) {
                 r.fetch_sub(1, SeqCst);
                 // Every 7th event fails once: order must survive the retry.
                 if ping.seq % 7 == 0 && f.lock().unwrap().insert(ping.seq) {
-                    return Err(HandlerError::retry("first attempt of every 7th event fails"));
+                    return Err(HandlerError::retry(
+                        "first attempt of every 7th event fails",
+                    ));
                 }
                 let key = ctx.envelope().attributes().partition_key.clone().unwrap();
                 l.lock().unwrap().entry(key).or_default().push(ping.seq);
@@ -630,8 +664,16 @@ pub async fn transient_failure_redelivered(h: &dyn Harness) {
     for (id, attempts) in attempts_seen.lock().unwrap().iter() {
         assert_eq!(&attempts[..3], &[1, 2, 3], "attempts of {id}");
     }
-    assert!(sub.stats().retried >= 100, "retries counted: {:?}", sub.stats());
-    assert!(sub.dead_letters().await.map(|d| d.is_empty()).unwrap_or(true));
+    assert!(
+        sub.stats().retried >= 100,
+        "retries counted: {:?}",
+        sub.stats()
+    );
+    assert!(sub
+        .dead_letters()
+        .await
+        .map(|d| d.is_empty())
+        .unwrap_or(true));
     finish(h, &ns, &bus).await;
 }
 
@@ -735,7 +777,10 @@ pub async fn dead_letter_after_max_attempts(h: &dyn Harness) {
     })
     .await;
     if !caps.dead_letter_store {
-        return skip("dead_letter_after_max_attempts (listing)", "no dead-letter store");
+        return skip(
+            "dead_letter_after_max_attempts (listing)",
+            "no dead-letter store",
+        );
     }
     let dead = sub.dead_letters().await.expect("list dead letters");
     assert_eq!(dead.len(), 40, "dead letters: {}", dead.len());
@@ -766,7 +811,10 @@ pub async fn dead_letter_after_max_attempts(h: &dyn Harness) {
 }
 
 fn raw(event_type: &str, version: u32, payload: &'static [u8]) -> Envelope {
-    Envelope::from_bytes(Attributes::new(MODULE, event_type.to_owned(), version), payload)
+    Envelope::from_bytes(
+        Attributes::new(MODULE, event_type.to_owned(), version),
+        payload,
+    )
 }
 
 /// Case 9: an undecodable payload and an unknown version go to the dead
@@ -784,8 +832,14 @@ pub async fn undecodable_dead_lettered(h: &dyn Harness) {
         .await
         .unwrap();
     let bad = [
-        (raw("conformance.ping", 1, b"not json"), DeadLetterReason::Undecodable),
-        (raw("conformance.ping", 1, b"{\"seq\":\"x\"}"), DeadLetterReason::Undecodable),
+        (
+            raw("conformance.ping", 1, b"not json"),
+            DeadLetterReason::Undecodable,
+        ),
+        (
+            raw("conformance.ping", 1, b"{\"seq\":\"x\"}"),
+            DeadLetterReason::Undecodable,
+        ),
         (
             raw("conformance.ping", 99, b"{\"seq\":1,\"body\":\"\"}"),
             DeadLetterReason::UnknownVersion,
@@ -962,7 +1016,13 @@ pub async fn close_and_reopen(h: &dyn Harness) {
 }
 
 /// Collects the ids a fresh client of the same group still delivers.
-async fn drain_rest(h: &dyn Harness, ns: &str, module: &str, tally: &Arc<Tally>, ids: &HashSet<Uuid>) {
+async fn drain_rest(
+    h: &dyn Harness,
+    ns: &str,
+    module: &str,
+    tally: &Arc<Tally>,
+    ids: &HashSet<Uuid>,
+) {
     let bus = bus_on(h.transport(ns).await);
     let _sub = bus
         .module(module.to_owned())
@@ -971,7 +1031,9 @@ async fn drain_rest(h: &dyn Harness, ns: &str, module: &str, tally: &Arc<Tally>,
         .ordering(Ordering::Unordered)
         .await
         .unwrap();
-    tally.wait_for_all("events redelivered after shutdown", ids).await;
+    tally
+        .wait_for_all("events redelivered after shutdown", ids)
+        .await;
     let _ = bus.shutdown(Duration::from_secs(10)).await;
 }
 
@@ -1014,9 +1076,18 @@ pub async fn shutdown_under_load(h: &dyn Harness) {
             .iter()
             .filter(|id| !handled.contains_key(id) && !unfinished.contains(id))
             .count();
-        assert_eq!(lost, 0, "{lost} accepted events neither handled nor reported");
-        let both = unfinished.iter().filter(|id| handled.contains_key(id)).count();
-        assert_eq!(both, 0, "{both} events both handled and reported unfinished");
+        assert_eq!(
+            lost, 0,
+            "{lost} accepted events neither handled nor reported"
+        );
+        let both = unfinished
+            .iter()
+            .filter(|id| handled.contains_key(id))
+            .count();
+        assert_eq!(
+            both, 0,
+            "{both} events both handled and reported unfinished"
+        );
         assert!(!report.unfinished.is_empty() || handled.len() == ids.len());
     } else {
         drain_rest(h, &ns, "busy", &tally, &ids).await;
@@ -1024,7 +1095,11 @@ pub async fn shutdown_under_load(h: &dyn Harness) {
     }
     if caps.dead_letter_store {
         if let Ok(dead) = sub.dead_letters().await {
-            assert!(dead.is_empty(), "shutdown dead-lettered {} events", dead.len());
+            assert!(
+                dead.is_empty(),
+                "shutdown dead-lettered {} events",
+                dead.len()
+            );
         }
     }
     assert_eq!(sub.stats().dead_lettered, 0);
@@ -1087,14 +1162,20 @@ pub async fn publisher_closes_in_flight(h: &dyn Harness) {
     tokio::time::timeout(patience(), started.notified())
         .await
         .expect("publishers started");
-    let report = bus.shutdown(Duration::from_secs(20)).await.expect("shutdown");
+    let report = bus
+        .shutdown(Duration::from_secs(20))
+        .await
+        .expect("shutdown");
     for t in tasks {
         tokio::time::timeout(patience(), t)
             .await
             .expect("publisher ends after shutdown")
             .expect("publisher task");
     }
-    assert!(errors.load(SeqCst) > 0, "publishing after shutdown must fail");
+    assert!(
+        errors.load(SeqCst) > 0,
+        "publishing after shutdown must fail"
+    );
     let accepted = accepted.lock().unwrap().clone();
     let unfinished: HashSet<Uuid> = report.unfinished.iter().map(|u| u.envelope.id()).collect();
     if caps.persistent {
@@ -1144,7 +1225,13 @@ pub async fn broker_restart(h: &dyn Harness, restart: BoxFuture<'static, ()>) {
                 }
                 let mut tries = 0;
                 loop {
-                    match m.publish(Ping { seq, body: String::new() }).await {
+                    match m
+                        .publish(Ping {
+                            seq,
+                            body: String::new(),
+                        })
+                        .await
+                    {
                         Ok(id) => {
                             ids.insert(id);
                             break;

@@ -114,7 +114,8 @@ impl Attributes {
         put("type", self.event_type.to_string());
         put(
             "time",
-            self.time.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+            self.time
+                .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
         );
         put("datacontenttype", self.data_content_type.to_string());
         put("dataversion", self.data_version.to_string());
@@ -361,7 +362,9 @@ mod tests {
         a.headers.push(("x-tenant".into(), "acme".into()));
         // Wire time keeps microseconds at least; compare via the parsed value.
         let wire = a.to_wire_headers("ce_");
-        assert!(wire.iter().any(|(n, v)| n == "ce_id" && *v == a.id.to_string()));
+        assert!(wire
+            .iter()
+            .any(|(n, v)| n == "ce_id" && *v == a.id.to_string()));
         let back = Attributes::from_wire_headers(
             "ce_",
             wire.iter().map(|(n, v)| (n.as_str(), v.as_str())),
@@ -378,7 +381,11 @@ mod tests {
         assert_eq!(err.kind(), ErrorKind::Decode);
         let err = Attributes::from_wire_headers(
             "ce-",
-            [("ce-id", "not-a-uuid"), ("ce-type", "a.b"), ("ce-dataversion", "1")],
+            [
+                ("ce-id", "not-a-uuid"),
+                ("ce-type", "a.b"),
+                ("ce-dataversion", "1"),
+            ],
             |_| false,
         )
         .unwrap_err();

@@ -57,9 +57,10 @@ pub fn validate_name(name: &str) -> Result<()> {
     if name.split('.').any(str::is_empty) {
         return bad(format!("`{name}` has an empty segment between dots"));
     }
-    if let Some(c) = name.chars().find(|c| {
-        !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-' | '.'))
-    }) {
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-' | '.')))
+    {
         return bad(format!(
             "`{}` has the character {c:?}; use a-z, 0-9, '_', '-', '.'",
             name.escape_debug()
@@ -83,9 +84,7 @@ pub fn validate_header(name: &str, value: &str) -> Result<()> {
         ));
     }
     if value.bytes().any(|b| matches!(b, b'\r' | b'\n' | 0)) {
-        return bad(format!(
-            "header `{name}` has CR, LF or NUL in its value"
-        ));
+        return bad(format!("header `{name}` has CR, LF or NUL in its value"));
     }
     Ok(())
 }
@@ -99,7 +98,16 @@ mod tests {
         for ok in ["orders", "orders.order_placed", "a-b.c_d.v2"] {
             validate_name(ok).unwrap();
         }
-        for bad in ["", "Orders", "orders..x", ".x", "x.", "orders.*", "a b", "ä"] {
+        for bad in [
+            "",
+            "Orders",
+            "orders..x",
+            ".x",
+            "x.",
+            "orders.*",
+            "a b",
+            "ä",
+        ] {
             let err = validate_name(bad).unwrap_err();
             assert_eq!(err.kind(), ErrorKind::InvalidName, "{bad:?}");
         }

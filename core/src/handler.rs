@@ -232,6 +232,7 @@ impl<H> TypedInner<H> {
         H: Handler<E>,
     {
         let Delivery { envelope, attempt } = delivery;
+        let (id, group) = (envelope.id(), &*self.group);
         let span = tracing::info_span!(
             "seambus.handle",
             module = %self.group.module(),
@@ -244,7 +245,9 @@ impl<H> TypedInner<H> {
         let resolved = match self.upcasters.resolve::<E>(&envelope, &self.codecs) {
             Ok(resolved) => resolved,
             Err((reason, error)) => {
-                span.in_scope(|| tracing::warn!(%reason, %error, "dead-lettering undeliverable event"));
+                span.in_scope(|| {
+                    tracing::warn!(%group, %id, %reason, %error, "dead-lettering undeliverable event")
+                });
                 self.stats.dead_lettered.fetch_add(1, Relaxed);
                 return Outcome::DeadLetter { reason, error };
             }
@@ -281,15 +284,15 @@ impl<H> TypedInner<H> {
             }
         };
         if transient && attempt < self.max_attempts {
-            tracing::warn!(%error, "handler failed; will retry");
+            tracing::warn!(%group, %id, attempt, %error, "handler failed; will retry");
             self.stats.retried.fetch_add(1, Relaxed);
             Outcome::Retry { error }
         } else if transient {
-            tracing::error!(%error, "handler failed on its last attempt; dead-lettering");
+            tracing::error!(%group, %id, attempt, %error, "handler failed on its last attempt; dead-lettering");
             self.stats.dead_lettered.fetch_add(1, Relaxed);
             Outcome::Retry { error }
         } else {
-            tracing::error!(%error, "handler rejected the event; dead-lettering");
+            tracing::error!(%group, %id, attempt, %error, "handler rejected the event; dead-lettering");
             self.stats.dead_lettered.fetch_add(1, Relaxed);
             Outcome::DeadLetter {
                 reason: DeadLetterReason::Rejected,

@@ -4,7 +4,7 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
@@ -188,9 +188,7 @@ impl Group {
             return None;
         }
         let key = d.envelope.attributes().partition_key.as_deref()?;
-        let mut h = hasher.build_hasher();
-        key.hash(&mut h);
-        Some(h.finish())
+        Some(hasher.hash_one(key))
     }
 
     /// Takes the next runnable delivery, parking events whose key is busy.
@@ -289,7 +287,11 @@ impl Group {
         let st = &mut *st;
         let mut out = std::mem::take(&mut st.abandoned);
         out.extend(st.ready.drain(..).map(|d| d.envelope));
-        out.extend(std::mem::take(&mut st.delayed).into_values().map(|d| d.envelope));
+        out.extend(
+            std::mem::take(&mut st.delayed)
+                .into_values()
+                .map(|d| d.envelope),
+        );
         out.extend(
             st.busy_keys
                 .drain()
@@ -486,7 +488,10 @@ impl Transport for InProcessTransport {
             return Err(Shared::closed_error());
         }
         if spec.concurrency == 0 {
-            return Err(Error::new(ErrorKind::Config, "concurrency must be at least 1"));
+            return Err(Error::new(
+                ErrorKind::Config,
+                "concurrency must be at least 1",
+            ));
         }
         if spec.dispatch == Dispatch::Inline {
             let inline = Arc::new(InlineGroup {

@@ -24,7 +24,9 @@ pub use error::{Error, ErrorKind, HandlerError, Result};
 pub use event::{validate_header, validate_name, Event};
 pub use handler::{Context, Handler, Received, Stats};
 pub use in_process::{InProcessConfig, InProcessTransport, WhenFull};
-pub use transport::{DeadLetter, DeadLetterReason, Dispatch, GroupId, Ordering, RetryPolicy, ShutdownReport};
+pub use transport::{
+    DeadLetter, DeadLetterReason, Dispatch, GroupId, Ordering, RetryPolicy, ShutdownReport,
+};
 
 /// Derives [`Event`]: `#[derive(Event)] #[event(name = "orders.order_placed", version = 2)]`.
 ///

@@ -489,15 +489,21 @@ mod tests {
             .with_backoff(Duration::from_millis(10), Duration::from_millis(50))
             .with_jitter(false);
         // backon computes in f32: allow a microsecond of rounding.
-        let close = |d: Duration, ms: u64| d.abs_diff(Duration::from_millis(ms)) < Duration::from_micros(1);
+        let close =
+            |d: Duration, ms: u64| d.abs_diff(Duration::from_millis(ms)) < Duration::from_micros(1);
         for (attempt, ms) in [(1, 10), (2, 20), (3, 40), (4, 50), (40, 50)] {
-            assert!(close(p.delay(attempt), ms), "attempt {attempt}: {:?}", p.delay(attempt));
+            assert!(
+                close(p.delay(attempt), ms),
+                "attempt {attempt}: {:?}",
+                p.delay(attempt)
+            );
         }
     }
 
     #[test]
     fn jitter_stays_within_bounds() {
-        let p = RetryPolicy::default().with_backoff(Duration::from_millis(10), Duration::from_secs(1));
+        let p =
+            RetryPolicy::default().with_backoff(Duration::from_millis(10), Duration::from_secs(1));
         for attempt in 1..6 {
             let d = p.delay(attempt);
             let base = Duration::from_millis(10) * 2u32.pow(attempt - 1);

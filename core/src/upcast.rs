@@ -27,7 +27,9 @@ fn decode_as<A: Event>(codec: &dyn Codec, bytes: &[u8]) -> Result<AnyBox> {
 }
 
 fn clone_as<A: Event + Clone>(value: &(dyn Any + Send + Sync)) -> Option<AnyBox> {
-    value.downcast_ref::<A>().map(|a| Box::new(a.clone()) as AnyBox)
+    value
+        .downcast_ref::<A>()
+        .map(|a| Box::new(a.clone()) as AnyBox)
 }
 
 fn step_up<A: Event, B: Event + From<A>>(value: AnyBox) -> Option<AnyBox> {
@@ -303,7 +305,10 @@ mod tests {
     #[test]
     fn newer_and_zero_versions_are_unknown() {
         for v in [0, 3] {
-            let env = Envelope::from_bytes(Attributes::new("orders", "orders.order_placed", v), &b"{}"[..]);
+            let env = Envelope::from_bytes(
+                Attributes::new("orders", "orders.order_placed", v),
+                &b"{}"[..],
+            );
             let (reason, _) = resolve::<V2>(&upcasters(), &env).unwrap_err();
             assert_eq!(reason, DeadLetterReason::UnknownVersion, "v{v}");
         }
@@ -316,7 +321,10 @@ mod tests {
             Attributes::new("orders", "orders.order_placed", 1),
             &br#"{"id":4}"#[..],
         );
-        let typed = Envelope::typed(Attributes::new("orders", "orders.order_placed", 1), V1 { id: 4 });
+        let typed = Envelope::typed(
+            Attributes::new("orders", "orders.order_placed", 1),
+            V1 { id: 4 },
+        );
         let want = V2 {
             id: 4,
             note: "from v1".into(),
@@ -333,7 +341,10 @@ mod tests {
         let (reason, error) = resolve::<V2>(&upcasters(), &env).unwrap_err();
         assert_eq!(reason, DeadLetterReason::Undecodable);
         assert!(error.contains("no codec"), "{error}");
-        let env = Envelope::from_bytes(Attributes::new("orders", "orders.order_placed", 1), &b"[1,"[..]);
+        let env = Envelope::from_bytes(
+            Attributes::new("orders", "orders.order_placed", 1),
+            &b"[1,"[..],
+        );
         let (reason, _) = resolve::<V2>(&upcasters(), &env).unwrap_err();
         assert_eq!(reason, DeadLetterReason::Undecodable);
     }

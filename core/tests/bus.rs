@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use seambus::transport::{
-    Capabilities, Consumer, DeadLetter, DeliveryHandler, GroupId, ShutdownReport,
-    SubscriptionSpec, Transport, TryPublish,
+    Capabilities, Consumer, DeadLetter, DeliveryHandler, GroupId, ShutdownReport, SubscriptionSpec,
+    Transport, TryPublish,
 };
 use seambus::{
     Bus, Context, Dispatch, Envelope, ErrorKind, Event, HandlerError, InProcessConfig,
@@ -56,7 +56,10 @@ async fn noop<E>(_e: Received<E>, _c: Context) -> Result<(), HandlerError> {
 /// A handler that forwards every event it gets.
 fn forward<E: Event + Clone>(
     tx: mpsc::UnboundedSender<(E, Context)>,
-) -> impl Fn(Received<E>, Context) -> futures_util::future::BoxFuture<'static, Result<(), HandlerError>>
+) -> impl Fn(
+    Received<E>,
+    Context,
+) -> futures_util::future::BoxFuture<'static, Result<(), HandlerError>>
        + Send
        + Sync
        + 'static {
@@ -108,7 +111,11 @@ async fn empty_or_invalid_event_names_are_refused() {
         orders.publish(BadName).await.unwrap_err().kind(),
         ErrorKind::InvalidName
     );
-    let err = bus.module("x").subscribe(noop::<BadName>).await.unwrap_err();
+    let err = bus
+        .module("x")
+        .subscribe(noop::<BadName>)
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidName);
     let err = bus
         .module("Bad Module")
@@ -272,7 +279,10 @@ async fn a_type_that_cannot_cross_a_broker_fails_in_verify_mode_only() {
         .subscribe(forward::<Lopsided>(tx))
         .await
         .unwrap();
-    bus.module("orders").publish(Lopsided { x: 1 }).await.unwrap();
+    bus.module("orders")
+        .publish(Lopsided { x: 1 })
+        .await
+        .unwrap();
     let (_, ctx) = rx.recv().await.unwrap();
     assert!(ctx.envelope().is_typed(), "in-process shares the value");
 
@@ -284,7 +294,10 @@ async fn a_type_that_cannot_cross_a_broker_fails_in_verify_mode_only() {
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Decode);
-    assert!(err.to_string().contains("could not cross a broker"), "{err}");
+    assert!(
+        err.to_string().contains("could not cross a broker"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -301,7 +314,10 @@ async fn verify_mode_delivers_bytes_through_the_codec() {
         .unwrap();
     let (got, ctx) = rx.recv().await.unwrap();
     assert_eq!(got.order_id, 3);
-    let bytes = ctx.envelope().payload_bytes().expect("bytes in verify mode");
+    let bytes = ctx
+        .envelope()
+        .payload_bytes()
+        .expect("bytes in verify mode");
     assert_eq!(&bytes[..], br#"{"order_id":3}"#);
 }
 
@@ -378,7 +394,10 @@ async fn full_queue_makes_publish_wait_or_fail() {
                 .with_queue_capacity(2)
                 .with_when_full(when_full),
         );
-        let bus = Bus::builder().transport("memory", transport).build().unwrap();
+        let bus = Bus::builder()
+            .transport("memory", transport)
+            .build()
+            .unwrap();
         let gate = Arc::new(Notify::new());
         let g = gate.clone();
         bus.module("slow")
@@ -410,7 +429,10 @@ async fn full_queue_makes_publish_wait_or_fail() {
                 for _ in 0..50 {
                     tokio::task::yield_now().await;
                 }
-                assert!(!third.is_finished(), "publish waits while the group is full");
+                assert!(
+                    !third.is_finished(),
+                    "publish waits while the group is full"
+                );
                 gate.notify_one();
                 third.await.unwrap().unwrap();
             }
@@ -460,7 +482,10 @@ async fn shutdown_hands_back_what_it_could_not_finish() {
     back.sort();
     ids.sort();
     assert_eq!(back, ids, "every accepted event is handed back");
-    assert!(sub.dead_letters().await.unwrap().is_empty(), "cancellation never dead-letters");
+    assert!(
+        sub.dead_letters().await.unwrap().is_empty(),
+        "cancellation never dead-letters"
+    );
     assert_eq!(sub.stats().retried, 0);
 }
 
@@ -517,7 +542,10 @@ impl Transport for Limited {
         self.0.try_publish(envelope)
     }
     async fn publish(&self, envelope: Envelope) -> seambus::Result<()> {
-        assert!(envelope.payload_bytes().is_some(), "bytes for a non-sharing transport");
+        assert!(
+            envelope.payload_bytes().is_some(),
+            "bytes for a non-sharing transport"
+        );
         self.0.publish(envelope).await
     }
     async fn subscribe(
@@ -554,7 +582,11 @@ async fn subscriptions_that_ask_more_than_the_route_gives_are_refused() {
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Unsupported);
     let err = m.subscribe(noop::<OrderPlacedV1>).await.unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::Unsupported, "per-key order by default");
+    assert_eq!(
+        err.kind(),
+        ErrorKind::Unsupported,
+        "per-key order by default"
+    );
     // Encoded for a broker-like route, limited by the transport's max payload.
     let (tx, mut rx) = mpsc::unbounded_channel();
     m.subscribe(forward::<OrderPlacedV1>(tx))
@@ -587,7 +619,10 @@ fn bad_routes_and_transports_are_config_errors() {
         .build()
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Config);
-    assert!(err.to_string().contains("unknown transport `kafka`"), "{err}");
+    assert!(
+        err.to_string().contains("unknown transport `kafka`"),
+        "{err}"
+    );
     let err = Bus::builder()
         .transport("a", InProcessTransport::default())
         .transport("a", InProcessTransport::default())

@@ -100,10 +100,9 @@ fn check_name(name: &str) -> Result<(), String> {
     if name.split('.').any(str::is_empty) {
         return Err(format!("`{name}`: empty segment between dots"));
     }
-    if let Some(c) = name
-        .chars()
-        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_' || *c == '-' || *c == '.'))
-    {
+    if let Some(c) = name.chars().find(|c| {
+        !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_' || *c == '-' || *c == '.')
+    }) {
         return Err(format!(
             "`{name}`: character {c:?} is not allowed (use a-z, 0-9, '_', '-', '.')"
         ));
