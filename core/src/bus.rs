@@ -52,6 +52,7 @@ pub struct BusBuilder {
     transports: Vec<(String, Arc<dyn Transport>)>,
     default: Option<String>,
     routes: Vec<(String, String)>,
+    dispatch: Vec<(String, Dispatch)>,
     upcasters: Upcasters,
     codecs: Codecs,
     verify_codec: bool,
@@ -65,6 +66,7 @@ impl Default for BusBuilder {
             transports: Vec::new(),
             default: None,
             routes: Vec::new(),
+            dispatch: Vec::new(),
             upcasters: Upcasters::default(),
             codecs: Codecs::default(),
             verify_codec: std::env::var("SEAMBUS_VERIFY_CODEC").is_ok_and(|v| v == "1"),
@@ -100,6 +102,16 @@ impl BusBuilder {
     /// (`orders.*`). The most specific route wins.
     pub fn route(mut self, pattern: impl Into<String>, transport: impl Into<String>) -> Self {
         self.routes.push((pattern.into(), transport.into()));
+        self
+    }
+
+    /// Sets how subscriptions to matching events are dispatched when they do
+    /// not say so themselves: `pattern` is an exact event name or a
+    /// `prefix.*`, as for [`BusBuilder::route`]. This moves a flow between
+    /// inline (L0, like a synchronous call) and queued (L1) by configuration,
+    /// with no change to the handler or the subscription code.
+    pub fn dispatch(mut self, pattern: impl Into<String>, dispatch: Dispatch) -> Self {
+        self.dispatch.push((pattern.into(), dispatch));
         self
     }
 
@@ -190,6 +202,18 @@ impl BusBuilder {
         }
         // Most specific first: exact names, then longer prefixes.
         routes.sort_by_key(|(r, _)| std::cmp::Reverse(r.specificity()));
+        let mut dispatch = Vec::new();
+        let mut seen = HashSet::new();
+        for (pattern, mode) in &self.dispatch {
+            if !seen.insert(pattern.clone()) {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    format!("dispatch for `{pattern}` given twice"),
+                ));
+            }
+            dispatch.push((Route::parse(pattern)?, *mode));
+        }
+        dispatch.sort_by_key(|(r, _)| std::cmp::Reverse(r.specificity()));
         let capabilities = self
             .transports
             .iter()
@@ -201,6 +225,7 @@ impl BusBuilder {
                 capabilities,
                 default,
                 routes,
+                dispatch,
                 upcasters: Arc::new(self.upcasters),
                 codecs: Arc::new(self.codecs),
                 verify_codec: self.verify_codec,
@@ -286,6 +311,7 @@ struct BusInner {
     capabilities: Vec<Capabilities>,
     default: usize,
     routes: Vec<(Route, usize)>,
+    dispatch: Vec<(Route, Dispatch)>,
     upcasters: Arc<Upcasters>,
     codecs: Arc<Codecs>,
     verify_codec: bool,
@@ -378,6 +404,13 @@ impl BusInner {
             .iter()
             .find(|(r, _)| r.matches(event_name))
             .map_or(self.default, |(_, i)| *i)
+    }
+
+    fn dispatch_of(&self, event_name: &str) -> Dispatch {
+        self.dispatch
+            .iter()
+            .find(|(r, _)| r.matches(event_name))
+            .map_or(Dispatch::Queued, |(_, d)| *d)
     }
 }
 
@@ -581,7 +614,7 @@ impl Module {
             spec_concurrency: 1,
             retry: RetryPolicy::default(),
             ordering: Ordering::default(),
-            dispatch: Dispatch::default(),
+            dispatch: None,
             _event: PhantomData,
         }
     }
@@ -596,7 +629,7 @@ pub struct SubscribeBuilder<E, H> {
     spec_concurrency: usize,
     retry: RetryPolicy,
     ordering: Ordering,
-    dispatch: Dispatch,
+    dispatch: Option<Dispatch>,
     _event: PhantomData<fn() -> E>,
 }
 
@@ -639,9 +672,10 @@ impl<E: Event, H: Handler<E>> SubscribeBuilder<E, H> {
         self
     }
 
-    /// Queued (default) or inline dispatch.
+    /// Queued or inline dispatch. Default: what [`BusBuilder::dispatch`]
+    /// configured for the event, else queued.
     pub fn dispatch(mut self, dispatch: Dispatch) -> Self {
-        self.dispatch = dispatch;
+        self.dispatch = Some(dispatch);
         self
     }
 
@@ -664,7 +698,8 @@ impl<E: Event, H: Handler<E>> SubscribeBuilder<E, H> {
         let index = bus.route_index(E::NAME);
         let (transport_name, transport) = &bus.transports[index];
         let caps = &bus.capabilities[index];
-        if self.dispatch == Dispatch::Inline && !caps.inline_dispatch {
+        let dispatch = self.dispatch.unwrap_or_else(|| bus.dispatch_of(E::NAME));
+        if dispatch == Dispatch::Inline && !caps.inline_dispatch {
             return Err(Error::new(
                 ErrorKind::Unsupported,
                 format!(
@@ -713,7 +748,7 @@ impl<E: Event, H: Handler<E>> SubscribeBuilder<E, H> {
         spec.concurrency = self.spec_concurrency;
         spec.retry = self.retry;
         spec.ordering = self.ordering;
-        spec.dispatch = self.dispatch;
+        spec.dispatch = dispatch;
         match transport.subscribe(spec, Arc::new(handler)).await {
             Ok(consumer) => Ok(Subscription {
                 bus: self.module.bus.clone(),

@@ -32,4 +32,26 @@ pub use transport::{
 ///
 /// `name` is required and checked at compile time; `version` defaults to 1;
 /// `module` defaults to the name's first segment.
+///
+/// A name that no broker could carry does not compile:
+///
+/// ```compile_fail
+/// #[derive(serde::Serialize, serde::Deserialize, seambus::Event)]
+/// #[event(name = "Orders Placed!")]
+/// struct Bad;
+/// ```
+///
+/// Neither does a missing name, or version 0:
+///
+/// ```compile_fail
+/// #[derive(serde::Serialize, serde::Deserialize, seambus::Event)]
+/// #[event(version = 2)]
+/// struct Nameless;
+/// ```
+///
+/// ```compile_fail
+/// #[derive(serde::Serialize, serde::Deserialize, seambus::Event)]
+/// #[event(name = "orders.placed", version = 0)]
+/// struct Zero;
+/// ```
 pub use seambus_macros::Event;

@@ -351,6 +351,36 @@ async fn inline_dispatch_runs_handlers_before_publish_returns() {
     }
 }
 
+#[tokio::test(flavor = "current_thread")]
+async fn dispatch_mode_comes_from_configuration_without_touching_the_subscription() {
+    for (mode, handled_when_publish_returns) in [(Dispatch::Inline, 1), (Dispatch::Queued, 0)] {
+        let bus = Bus::builder().dispatch("orders.*", mode).build().unwrap();
+        // The same subscription code in both configurations.
+        let sub = bus
+            .module("inventory")
+            .subscribe(noop::<OrderPlacedV1>)
+            .await
+            .unwrap();
+        bus.module("orders")
+            .publish(OrderPlacedV1 { order_id: 1 })
+            .await
+            .unwrap();
+        // One thread and no yield since publish returned: only an inline
+        // handler can have run.
+        assert_eq!(
+            sub.stats().succeeded,
+            handled_when_publish_returns,
+            "{mode:?}"
+        );
+        bus.shutdown(Duration::from_secs(5)).await.unwrap();
+        assert_eq!(
+            sub.stats().succeeded,
+            1,
+            "{mode:?}: handled by shutdown's drain"
+        );
+    }
+}
+
 #[tokio::test]
 async fn inline_failures_go_to_the_dead_letter_and_can_be_redriven() {
     let bus = Bus::new();
