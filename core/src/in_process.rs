@@ -124,6 +124,10 @@ struct Shared {
     groups: Mutex<HashMap<GroupId, Arc<Group>>>,
     dead: Mutex<VecDeque<DeadLetter>>,
     closed: AtomicBool,
+    /// Held shared while a publish checks `closed`, takes queue slots and
+    /// pushes; shutdown takes it exclusively once, so no publish that saw
+    /// the transport open can push after the drain began.
+    gate: tokio::sync::RwLock<()>,
     /// Fired when the shutdown deadline passes: in-flight work is abandoned.
     stop: CancellationToken,
     hasher: std::collections::hash_map::RandomState,
@@ -313,6 +317,7 @@ impl InProcessTransport {
                 groups: Mutex::default(),
                 dead: Mutex::default(),
                 closed: AtomicBool::new(false),
+                gate: tokio::sync::RwLock::new(()),
                 stop: CancellationToken::new(),
                 hasher: Default::default(),
             }),
@@ -423,6 +428,9 @@ impl Transport for InProcessTransport {
     }
 
     fn try_publish(&self, envelope: Envelope) -> TryPublish {
+        let Ok(_open) = self.shared.gate.try_read() else {
+            return TryPublish::Pending(envelope);
+        };
         if self.shared.closed.load(SeqCst) {
             return TryPublish::Done(Err(Shared::closed_error()));
         }
@@ -451,6 +459,7 @@ impl Transport for InProcessTransport {
     }
 
     async fn publish(&self, envelope: Envelope) -> Result<()> {
+        let open = self.shared.gate.read().await;
         if self.shared.closed.load(SeqCst) {
             return Err(Shared::closed_error());
         }
@@ -473,6 +482,7 @@ impl Transport for InProcessTransport {
         for g in topic.queued.iter() {
             g.push(envelope.clone(), 1);
         }
+        drop(open);
         for group in topic.inline.iter() {
             self.shared.run_inline(group, &envelope).await;
         }
@@ -588,14 +598,21 @@ impl Transport for InProcessTransport {
             take
         };
         let n = picked.len();
-        for dl in picked {
+        let mut picked = picked.into_iter();
+        while let Some(dl) = picked.next() {
             if let Some(g) = &target {
-                match g.permits.acquire().await {
-                    Ok(p) => p.forget(),
-                    Err(_) => {
-                        self.shared.dead_letter(dl);
-                        return Err(Shared::closed_error());
-                    }
+                let open = self.shared.gate.read().await;
+                let accepted = if self.shared.closed.load(SeqCst) {
+                    false
+                } else {
+                    g.permits.acquire().await.map(|p| p.forget()).is_ok()
+                };
+                if !accepted {
+                    // Shut down meanwhile: what was not redriven stays dead.
+                    drop(open);
+                    self.shared.dead_letter(dl);
+                    picked.for_each(|rest| self.shared.dead_letter(rest));
+                    return Err(Shared::closed_error());
                 }
                 g.push(dl.envelope, 1);
             } else if let Some(inline) = &inline {
@@ -610,6 +627,11 @@ impl Transport for InProcessTransport {
         let groups: Vec<Arc<Group>> = lock(&self.shared.groups).values().cloned().collect();
         for g in &groups {
             g.permits.close();
+        }
+        // Publishers waiting for a queue slot fail now that the queues are
+        // closed; wait until none is between its check and its push.
+        drop(self.shared.gate.write().await);
+        for g in &groups {
             lock(&g.state).draining = true;
             g.work.notify_waiters();
         }
