@@ -80,21 +80,26 @@ impl Attributes {
             .map(|(_, v)| v.as_str())
     }
 
-    /// Checks every user header and optional attribute for CR/LF/NUL.
-    pub fn validate(&self) -> Result<()> {
-        for (name, value) in &self.headers {
-            validate_header(name, value)?;
-        }
-        for (name, value) in [
+    /// The optional string attributes that are set, by CloudEvents name.
+    fn optional_attributes(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        [
             ("subject", &self.subject),
             ("partitionkey", &self.partition_key),
             ("correlationid", &self.correlation_id),
             ("causationid", &self.causation_id),
             ("traceparent", &self.traceparent),
-        ] {
-            if let Some(v) = value {
-                validate_header(name, v)?;
-            }
+        ]
+        .into_iter()
+        .filter_map(|(name, value)| value.as_deref().map(|v| (name, v)))
+    }
+
+    /// Checks every user header and optional attribute for CR/LF/NUL.
+    pub fn validate(&self) -> Result<()> {
+        for (name, value) in &self.headers {
+            validate_header(name, value)?;
+        }
+        for (name, value) in self.optional_attributes() {
+            validate_header(name, value)?;
         }
         Ok(())
     }
@@ -119,16 +124,8 @@ impl Attributes {
         );
         put("datacontenttype", self.data_content_type.to_string());
         put("dataversion", self.data_version.to_string());
-        for (name, value) in [
-            ("subject", &self.subject),
-            ("partitionkey", &self.partition_key),
-            ("correlationid", &self.correlation_id),
-            ("causationid", &self.causation_id),
-            ("traceparent", &self.traceparent),
-        ] {
-            if let Some(v) = value {
-                put(name, v.clone());
-            }
+        for (name, value) in self.optional_attributes() {
+            put(name, value.to_owned());
         }
         out.extend(self.headers.iter().cloned());
         out
