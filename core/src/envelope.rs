@@ -12,6 +12,9 @@ use uuid::Uuid;
 use crate::error::{Error, ErrorKind, Result};
 use crate::event::validate_header;
 
+/// Header-name prefixes of the CloudEvents bindings (HTTP/NATS, Kafka, AMQP).
+const RESERVED_PREFIXES: [&str; 3] = ["ce-", "ce_", "cloudevents:"];
+
 /// The CloudEvents `specversion` every envelope carries.
 pub const SPEC_VERSION: &str = "1.0";
 
@@ -93,10 +96,19 @@ impl Attributes {
         .filter_map(|(name, value)| value.as_deref().map(|v| (name, v)))
     }
 
-    /// Checks every user header and optional attribute for CR/LF/NUL.
+    /// Checks every user header and optional attribute for CR/LF/NUL, and
+    /// that no user header could pass for a CloudEvents attribute on the
+    /// wire (`ce-*`, `ce_*`, `cloudEvents:*`, `content-type`).
     pub fn validate(&self) -> Result<()> {
         for (name, value) in &self.headers {
             validate_header(name, value)?;
+            let lower = name.to_ascii_lowercase();
+            if RESERVED_PREFIXES.iter().any(|p| lower.starts_with(p)) || lower == "content-type" {
+                return Err(Error::new(
+                    ErrorKind::InvalidHeader,
+                    format!("header name `{name}` is reserved for CloudEvents attributes"),
+                ));
+            }
         }
         for (name, value) in self.optional_attributes() {
             validate_header(name, value)?;

@@ -242,7 +242,18 @@ impl<H> TypedInner<H> {
             id = %envelope.id(),
             attempt,
         );
-        let resolved = match self.upcasters.resolve::<E>(&envelope, &self.codecs) {
+        // User code runs here too (custom `Deserialize`, upcast `From`
+        // impls): a panic in it is an undecodable event, not a dead worker.
+        let resolving = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            self.upcasters.resolve::<E>(&envelope, &self.codecs)
+        }))
+        .unwrap_or_else(|panic| {
+            Err((
+                DeadLetterReason::Undecodable,
+                format!("decoding or upcasting panicked: {}", panic_message(&*panic)),
+            ))
+        });
+        let resolved = match resolving {
             Ok(resolved) => resolved,
             Err((reason, error)) => {
                 span.in_scope(|| {
@@ -258,7 +269,10 @@ impl<H> TypedInner<H> {
             group: self.group.clone(),
         };
         let started = std::time::Instant::now();
-        let fut = CURRENT.scope(envelope, self.handler.call(Received(resolved), ctx));
+        // The call is inside the future, so a panic before the handler's
+        // first await is caught like any other.
+        let call = async move { self.handler.call(Received(resolved), ctx).await };
+        let fut = CURRENT.scope(envelope, call);
         let result = AssertUnwindSafe(fut)
             .catch_unwind()
             .instrument(span.clone())
@@ -275,12 +289,10 @@ impl<H> TypedInner<H> {
             Ok(Err(err)) => (err.to_string(), err.is_transient()),
             Err(panic) => {
                 self.stats.panicked.fetch_add(1, Relaxed);
-                let msg = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "non-string panic payload".into());
-                (format!("handler panicked: {msg}"), true)
+                (
+                    format!("handler panicked: {}", panic_message(&*panic)),
+                    true,
+                )
             }
         };
         if transient && attempt < self.max_attempts {
@@ -300,4 +312,12 @@ impl<H> TypedInner<H> {
             }
         }
     }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".into())
 }

@@ -5,6 +5,7 @@
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::BuildHasher;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
@@ -221,10 +222,14 @@ impl Group {
     /// key to the next event waiting on it, and its queue slot.
     fn finish(&self, d: &Delivery, hasher: &impl BuildHasher) {
         let mut st = lock(&self.state);
+        let mut successor = false;
         if let Some(k) = self.key_of(d, hasher) {
             if let Entry::Occupied(mut waiting) = st.busy_keys.entry(k) {
                 match waiting.get_mut().pop_front() {
-                    Some(next) => st.ready.push_back(next),
+                    Some(next) => {
+                        st.ready.push_back(next);
+                        successor = true;
+                    }
                     None => {
                         waiting.remove();
                     }
@@ -235,6 +240,9 @@ impl Group {
         let idle = st.outstanding == 0;
         drop(st);
         self.permits.add_permits(1);
+        if successor {
+            self.work.notify_one();
+        }
         if idle {
             self.changed.notify_waiters();
             self.work.notify_waiters();
@@ -251,7 +259,11 @@ impl Group {
 
     /// Keeps the key busy and brings the delivery back after `delay`.
     fn retry_later(self: &Arc<Self>, d: Delivery, delay: Duration) {
-        let at = Instant::now() + delay;
+        // A far-future deadline rather than an overflow for absurd delays.
+        let now = Instant::now();
+        let at = now
+            .checked_add(delay)
+            .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600));
         {
             let mut st = lock(&self.state);
             st.seq += 1;
@@ -309,7 +321,8 @@ impl Group {
 
 impl InProcessTransport {
     /// A transport with `config`.
-    pub fn new(config: InProcessConfig) -> Self {
+    pub fn new(mut config: InProcessConfig) -> Self {
+        config.queue_capacity = config.queue_capacity.clamp(1, Semaphore::MAX_PERMITS);
         Self {
             shared: Arc::new(Shared {
                 config,
@@ -466,20 +479,21 @@ impl Transport for InProcessTransport {
         let Some(topic) = self.topic(envelope.event_type()) else {
             return Ok(());
         };
-        for (i, g) in topic.queued.iter().enumerate() {
+        // Permits are kept (not forgotten) until every group has room, so a
+        // publish cancelled while it waits gives all of them back.
+        let mut permits = Vec::with_capacity(topic.queued.len());
+        for g in topic.queued.iter() {
             let taken = match self.shared.config.when_full {
-                WhenFull::Wait => g.permits.acquire().await.map_err(|_| ()),
-                WhenFull::Fail => g.permits.try_acquire().map_err(|_| ()),
+                WhenFull::Wait => g.permits.acquire().await.ok(),
+                WhenFull::Fail => g.permits.try_acquire().ok(),
             };
             match taken {
-                Ok(permit) => permit.forget(),
-                Err(()) => {
-                    give_back(&topic.queued[..i]);
-                    return Err(full_or_closed(g));
-                }
+                Some(permit) => permits.push(permit),
+                None => return Err(full_or_closed(g)),
             }
         }
-        for g in topic.queued.iter() {
+        for (g, permit) in topic.queued.iter().zip(permits) {
+            permit.forget();
             g.push(envelope.clone(), 1);
         }
         drop(open);
@@ -589,49 +603,60 @@ impl Transport for InProcessTransport {
                 format!("group {group} has no subscription on this transport to redrive to"),
             ));
         }
-        let picked: Vec<DeadLetter> = {
-            let mut dead = lock(&self.shared.dead);
-            let (take, keep): (Vec<_>, Vec<_>) = dead.drain(..).partition(|d| {
-                &d.group == group && ids.is_none_or(|ids| ids.contains(&d.envelope.id()))
-            });
-            *dead = keep.into();
-            take
-        };
-        let n = picked.len();
-        let mut picked = picked.into_iter();
-        while let Some(dl) = picked.next() {
+        let wanted: Vec<Uuid> = lock(&self.shared.dead)
+            .iter()
+            .filter(|d| &d.group == group && ids.is_none_or(|ids| ids.contains(&d.envelope.id())))
+            .map(|d| d.envelope.id())
+            .collect();
+        let mut n = 0;
+        for id in wanted {
+            // A dead letter leaves the store only once its group took it, so
+            // a redrive cancelled while waiting loses nothing.
+            let take = |dead: &mut VecDeque<DeadLetter>| {
+                let at = dead
+                    .iter()
+                    .position(|d| &d.group == group && d.envelope.id() == id)?;
+                dead.remove(at)
+            };
             if let Some(g) = &target {
-                let open = self.shared.gate.read().await;
-                let accepted = if self.shared.closed.load(SeqCst) {
-                    false
-                } else {
-                    g.permits.acquire().await.map(|p| p.forget()).is_ok()
-                };
-                if !accepted {
-                    // Shut down meanwhile: what was not redriven stays dead.
-                    drop(open);
-                    self.shared.dead_letter(dl);
-                    picked.for_each(|rest| self.shared.dead_letter(rest));
+                let _open = self.shared.gate.read().await;
+                if self.shared.closed.load(SeqCst) {
                     return Err(Shared::closed_error());
                 }
+                let Ok(permit) = g.permits.acquire().await else {
+                    return Err(Shared::closed_error());
+                };
+                // Redriven concurrently by someone else: skip it.
+                let Some(dl) = take(&mut lock(&self.shared.dead)) else {
+                    continue;
+                };
+                permit.forget();
                 g.push(dl.envelope, 1);
             } else if let Some(inline) = &inline {
+                let Some(dl) = take(&mut lock(&self.shared.dead)) else {
+                    continue;
+                };
                 self.shared.run_inline(inline, &dl.envelope).await;
             }
+            n += 1;
         }
         Ok(n)
     }
 
     async fn shutdown(&self, deadline: Duration) -> Result<ShutdownReport> {
         self.shared.closed.store(true, SeqCst);
-        let groups: Vec<Arc<Group>> = lock(&self.shared.groups).values().cloned().collect();
-        for g in &groups {
+        let all_groups =
+            || -> Vec<Arc<Group>> { lock(&self.shared.groups).values().cloned().collect() };
+        for g in all_groups() {
             g.permits.close();
         }
         // Publishers waiting for a queue slot fail now that the queues are
-        // closed; wait until none is between its check and its push.
+        // closed; wait until none is between its check and its push, and no
+        // subscribe is creating a group.
         drop(self.shared.gate.write().await);
+        let groups = all_groups();
         for g in &groups {
+            g.permits.close();
             lock(&g.state).draining = true;
             g.work.notify_waiters();
         }
@@ -704,6 +729,40 @@ async fn wait_for(g: &Group, done: impl Fn(&GroupState) -> bool) {
     }
 }
 
+/// Calls a delivery handler, turning a panic (which the bus's handlers
+/// never raise, but another implementation might) into a transient failure.
+async fn guarded(handler: &dyn DeliveryHandler, delivery: Delivery) -> Outcome {
+    use futures_util::FutureExt;
+    let panicked = |_| Outcome::Retry {
+        error: "delivery handler panicked".to_owned(),
+    };
+    match std::panic::catch_unwind(AssertUnwindSafe(|| handler.handle(delivery))) {
+        Ok(fut) => AssertUnwindSafe(fut)
+            .catch_unwind()
+            .await
+            .unwrap_or_else(panicked),
+        Err(payload) => panicked(payload),
+    }
+}
+
+/// Keeps the group's worker count right however the worker ends, and hands
+/// on work it leaves behind to another worker.
+struct WorkerSlot(Arc<Group>);
+
+impl Drop for WorkerSlot {
+    fn drop(&mut self) {
+        let pending = {
+            let mut st = lock(&self.0.state);
+            st.workers -= 1;
+            !st.ready.is_empty() || !st.queue.is_empty()
+        };
+        if pending {
+            self.0.work.notify_one();
+        }
+        self.0.changed.notify_waiters();
+    }
+}
+
 async fn run_worker(
     shared: Arc<Shared>,
     group: Arc<Group>,
@@ -711,27 +770,34 @@ async fn run_worker(
     retry: RetryPolicy,
     detach: CancellationToken,
 ) {
+    let _slot = WorkerSlot(group.clone());
     let stop = shared.stop.clone();
     loop {
-        let work = group.work.notified();
-        tokio::pin!(work);
-        work.as_mut().enable();
-        let next = {
-            let mut st = lock(&group.state);
-            if detach.is_cancelled() || stop.is_cancelled() {
-                break;
-            }
-            match group.take(&mut st, &shared.hasher) {
-                Some(d) => Some(d),
-                None if st.draining && st.outstanding == 0 => break,
-                None => None,
-            }
-        };
-        let Some(delivery) = next else {
-            tokio::select! {
-                _ = &mut work => continue,
-                _ = detach.cancelled() => break,
-                _ = stop.cancelled() => break,
+        let delivery = {
+            // Scoped so that a wakeup is never held while handling.
+            let work = group.work.notified();
+            tokio::pin!(work);
+            work.as_mut().enable();
+            let next = {
+                let mut st = lock(&group.state);
+                if detach.is_cancelled() || stop.is_cancelled() {
+                    return;
+                }
+                match group.take(&mut st, &shared.hasher) {
+                    Some(d) => Some(d),
+                    None if st.draining && st.outstanding == 0 => return,
+                    None => None,
+                }
+            };
+            match next {
+                Some(d) => d,
+                None => {
+                    tokio::select! {
+                        _ = &mut work => continue,
+                        _ = detach.cancelled() => return,
+                        _ = stop.cancelled() => return,
+                    }
+                }
             }
         };
         let outcome = tokio::select! {
@@ -739,40 +805,32 @@ async fn run_worker(
             _ = stop.cancelled() => {
                 // Deadline passed: not a failure, not dead-lettered; reported.
                 lock(&group.state).abandoned.push(delivery.envelope);
-                break;
+                return;
             }
-            outcome = handler.handle(delivery.clone()) => outcome,
+            outcome = guarded(&*handler, delivery.clone()) => outcome,
         };
-        match outcome {
-            Outcome::Ack => group.finish(&delivery, &shared.hasher),
+        let (reason, error) = match outcome {
+            Outcome::Ack => {
+                group.finish(&delivery, &shared.hasher);
+                continue;
+            }
             Outcome::Retry { .. } if delivery.attempt < retry.max_attempts => {
                 let delay = retry.delay(delivery.attempt);
                 group.retry_later(delivery, delay);
+                continue;
             }
-            Outcome::Retry { error } => {
-                shared.dead_letter(DeadLetter::new(
-                    delivery.envelope.clone(),
-                    group.id.clone(),
-                    DeadLetterReason::MaxAttempts,
-                    error,
-                    delivery.attempt,
-                ));
-                group.finish(&delivery, &shared.hasher);
-            }
-            Outcome::DeadLetter { reason, error } => {
-                shared.dead_letter(DeadLetter::new(
-                    delivery.envelope.clone(),
-                    group.id.clone(),
-                    reason,
-                    error,
-                    delivery.attempt,
-                ));
-                group.finish(&delivery, &shared.hasher);
-            }
-        }
+            Outcome::Retry { error } => (DeadLetterReason::MaxAttempts, error),
+            Outcome::DeadLetter { reason, error } => (reason, error),
+        };
+        shared.dead_letter(DeadLetter::new(
+            delivery.envelope.clone(),
+            group.id.clone(),
+            reason,
+            error,
+            delivery.attempt,
+        ));
+        group.finish(&delivery, &shared.hasher);
     }
-    lock(&group.state).workers -= 1;
-    group.changed.notify_waiters();
 }
 
 struct QueuedConsumer {

@@ -1,7 +1,7 @@
 //! Upcasting: turning an older version of an event into the one a
 //! subscriber asks for, one step at a time.
 
-use std::any::Any;
+use std::any::{Any, TypeId};
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,6 +17,8 @@ type AnyBox = Box<dyn Any + Send>;
 /// One registered step `from -> from + 1` of one event name.
 struct Step {
     from_type: &'static str,
+    from: TypeId,
+    to: TypeId,
     decode: fn(&dyn Codec, &[u8]) -> Result<AnyBox>,
     clone_typed: fn(&(dyn Any + Send + Sync)) -> Option<AnyBox>,
     up: fn(AnyBox) -> Option<AnyBox>,
@@ -77,6 +79,8 @@ impl Upcasters {
             key,
             Step {
                 from_type: std::any::type_name::<A>(),
+                from: TypeId::of::<A>(),
+                to: TypeId::of::<B>(),
                 decode: decode_as::<A>,
                 clone_typed: clone_as::<A>,
                 up: step_up::<A, B>,
@@ -85,10 +89,13 @@ impl Upcasters {
         Ok(())
     }
 
-    /// Checks that every version from 1 up to `E::VERSION` can reach it.
+    /// Checks that every version from 1 up to `E::VERSION` can reach `E`
+    /// itself: a step for each version, each step starting from the type the
+    /// previous one produced, the last one producing `E`.
     pub(crate) fn check_chain<E: Event>(&self) -> Result<()> {
+        let mut produced: Option<TypeId> = None;
         for v in 1..E::VERSION {
-            if !self.steps.contains_key(&(Cow::Borrowed(E::NAME), v)) {
+            let Some(step) = self.steps.get(&(Cow::Borrowed(E::NAME), v)) else {
                 return Err(Error::new(
                     ErrorKind::MissingUpcast,
                     format!(
@@ -101,7 +108,28 @@ impl Upcasters {
                         v + 1
                     ),
                 ));
+            };
+            if produced.is_some_and(|t| t != step.from) {
+                return Err(Error::new(
+                    ErrorKind::MissingUpcast,
+                    format!(
+                        "the upcast from {} v{v} starts from {}, not from the type the step to v{v} produces",
+                        E::NAME,
+                        step.from_type
+                    ),
+                ));
             }
+            produced = Some(step.to);
+        }
+        if produced.is_some_and(|t| t != TypeId::of::<E>()) {
+            return Err(Error::new(
+                ErrorKind::MissingUpcast,
+                format!(
+                    "the upcast chain of {} ends in another type than {}",
+                    E::NAME,
+                    std::any::type_name::<E>()
+                ),
+            ));
         }
         Ok(())
     }
@@ -347,6 +375,27 @@ mod tests {
         );
         let (reason, _) = resolve::<V2>(&upcasters(), &env).unwrap_err();
         assert_eq!(reason, DeadLetterReason::Undecodable);
+    }
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, crate::Event)]
+    #[event(name = "orders.order_placed", version = 2)]
+    struct OtherV2 {
+        id: u64,
+    }
+
+    impl From<V1> for OtherV2 {
+        fn from(v: V1) -> Self {
+            Self { id: v.id }
+        }
+    }
+
+    #[test]
+    fn chain_must_end_in_the_subscribers_type() {
+        let mut up = Upcasters::default();
+        up.register::<V1, OtherV2>().unwrap();
+        let err = up.check_chain::<V2>().unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::MissingUpcast);
+        up.check_chain::<OtherV2>().unwrap();
     }
 
     #[test]
