@@ -615,6 +615,7 @@ impl Module {
             retry: RetryPolicy::default(),
             ordering: Ordering::default(),
             dispatch: None,
+            timeout: None,
             _event: PhantomData,
         }
     }
@@ -630,6 +631,7 @@ pub struct SubscribeBuilder<E, H> {
     retry: RetryPolicy,
     ordering: Ordering,
     dispatch: Option<Dispatch>,
+    timeout: Option<Duration>,
     _event: PhantomData<fn() -> E>,
 }
 
@@ -663,6 +665,14 @@ impl<E: Event, H: Handler<E>> SubscribeBuilder<E, H> {
     /// The whole retry policy.
     pub fn retry(mut self, policy: RetryPolicy) -> Self {
         self.retry = policy;
+        self
+    }
+
+    /// Longest time one handler call may take; past it the call is dropped
+    /// and counts as a transient failure (retried, then dead-lettered).
+    /// Default: no limit.
+    pub fn timeout(mut self, limit: Duration) -> Self {
+        self.timeout = Some(limit);
         self
     }
 
@@ -740,6 +750,7 @@ impl<E: Event, H: Handler<E>> SubscribeBuilder<E, H> {
             self.handler,
             group.clone(),
             self.retry.max_attempts,
+            self.timeout,
             bus.upcasters.clone(),
             bus.codecs.clone(),
             stats.clone(),

@@ -191,16 +191,19 @@ struct TypedInner<H> {
     handler: H,
     group: Arc<GroupId>,
     max_attempts: u32,
+    timeout: Option<std::time::Duration>,
     upcasters: Arc<Upcasters>,
     codecs: Arc<Codecs>,
     stats: Arc<StatsCell>,
 }
 
 impl<E, H> TypedHandler<E, H> {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         handler: H,
         group: GroupId,
         max_attempts: u32,
+        timeout: Option<std::time::Duration>,
         upcasters: Arc<Upcasters>,
         codecs: Arc<Codecs>,
         stats: Arc<StatsCell>,
@@ -210,6 +213,7 @@ impl<E, H> TypedHandler<E, H> {
                 handler,
                 group: Arc::new(group),
                 max_attempts,
+                timeout,
                 upcasters,
                 codecs,
                 stats,
@@ -273,10 +277,18 @@ impl<H> TypedInner<H> {
         // first await is caught like any other.
         let call = async move { self.handler.call(Received(resolved), ctx).await };
         let fut = CURRENT.scope(envelope, call);
-        let result = AssertUnwindSafe(fut)
-            .catch_unwind()
-            .instrument(span.clone())
-            .await;
+        let guarded = AssertUnwindSafe(fut).catch_unwind();
+        let result = match self.timeout {
+            None => guarded.instrument(span.clone()).await,
+            Some(limit) => tokio::time::timeout(limit, guarded)
+                .instrument(span.clone())
+                .await
+                .unwrap_or_else(|_| {
+                    Ok(Err(HandlerError::retry(format!(
+                        "handler timed out after {limit:?}"
+                    ))))
+                }),
+        };
         self.stats
             .handling_nanos
             .fetch_add(started.elapsed().as_nanos() as u64, Relaxed);

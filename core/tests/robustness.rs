@@ -212,3 +212,31 @@ async fn a_waiting_same_key_event_is_not_stranded_when_the_other_consumer_leaves
         )
         .await;
 }
+
+#[tokio::test]
+async fn a_handler_over_its_timeout_is_retried() {
+    let bus = Bus::new();
+    let tally = Tally::new();
+    let t = tally.clone();
+    let sub = bus
+        .module("inventory")
+        .subscribe(move |_e: Received<V1>, ctx: Context| {
+            let t = t.clone();
+            async move {
+                if ctx.attempt() == 1 {
+                    std::future::pending::<()>().await; // hangs
+                }
+                t.record(ctx.envelope().id());
+                ok()
+            }
+        })
+        .timeout(Duration::from_millis(20))
+        .backoff(Duration::from_millis(1), Duration::from_millis(1))
+        .await
+        .unwrap();
+    let id = bus.module("orders").publish(V1 { n: 1 }).await.unwrap();
+    tally
+        .wait_for_all("the event after a timeout", &[id].into())
+        .await;
+    assert_eq!(sub.stats().retried, 1);
+}
