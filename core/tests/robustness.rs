@@ -240,3 +240,73 @@ async fn a_handler_over_its_timeout_is_retried() {
         .await;
     assert_eq!(sub.stats().retried, 1);
 }
+
+#[tokio::test]
+async fn a_waiting_retry_blocks_neither_other_keys_nor_other_groups() {
+    let bus = Bus::new();
+    let (ordered, other_group) = (Tally::new(), Tally::new());
+    let t = ordered.clone();
+    let sub = bus
+        .module("billing")
+        .subscribe(move |e: Received<V1>, ctx: Context| {
+            let t = t.clone();
+            async move {
+                if e.n == 0 {
+                    return Err(HandlerError::retry("key-0 is down"));
+                }
+                t.record(ctx.envelope().id());
+                ok()
+            }
+        })
+        .concurrency(1) // one worker: only a timer-based retry lets others pass
+        .backoff(Duration::from_secs(3600), Duration::from_secs(3600))
+        .await
+        .unwrap();
+    let t = other_group.clone();
+    bus.module("audit")
+        .subscribe(move |_e: Received<V1>, ctx: Context| {
+            let t = t.clone();
+            async move {
+                t.record(ctx.envelope().id());
+                ok()
+            }
+        })
+        .await
+        .unwrap();
+    let orders = bus.module("orders");
+    let stuck = orders
+        .publish_with(V1 { n: 0 }, PublishOptions::new().key("key-0"))
+        .await
+        .unwrap();
+    let behind_stuck = orders
+        .publish_with(V1 { n: 1 }, PublishOptions::new().key("key-0"))
+        .await
+        .unwrap();
+    let mut others = std::collections::HashSet::new();
+    for n in 2..50 {
+        let key = format!("key-{}", n % 5 + 1);
+        others.insert(
+            orders
+                .publish_with(V1 { n }, PublishOptions::new().key(key))
+                .await
+                .unwrap(),
+        );
+    }
+    ordered
+        .wait_for_all("other keys during the retry wait", &others)
+        .await;
+    let mut everything = others.clone();
+    everything.extend([stuck, behind_stuck]);
+    other_group
+        .wait_for_all("the other group", &everything)
+        .await;
+    // key-0 waits for its retry, and its successor waits behind it.
+    assert!(!ordered.snapshot().contains_key(&behind_stuck));
+    assert_eq!(sub.stats().retried, 1);
+    let report = bus.shutdown(Duration::from_millis(50)).await.unwrap();
+    let mut left: Vec<_> = report.unfinished.iter().map(|u| u.envelope.id()).collect();
+    left.sort();
+    let mut want = vec![stuck, behind_stuck];
+    want.sort();
+    assert_eq!(left, want, "the waiting key's events are handed back");
+}
