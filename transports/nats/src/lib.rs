@@ -1,0 +1,433 @@
+#![doc = include_str!("../README.md")]
+
+mod config;
+mod error;
+mod publisher;
+mod subscriber;
+
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+use async_trait::async_trait;
+use seambus::transport::{
+    Capabilities, Consumer, DeadLetter, DeliveryHandler, GroupId, ShutdownReport, SubscriptionSpec,
+    Transport, Unfinished,
+};
+use seambus::{Envelope, Error, ErrorKind, Result};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+pub use config::{Auth, NatsConfig, Retention, Storage, StreamSettings, TlsSettings};
+
+use crate::error::{api_error, config_error};
+use crate::publisher::{event_subject, headers_of, publish_confirmed, MSG_ID};
+use crate::subscriber::{
+    consumer_name, dead_letter_of, dead_letter_subject, DL_SUBJECT, REDRIVE_GROUP,
+};
+
+/// Room kept for headers below the server's `max_payload`.
+const HEADER_ROOM: usize = 8 * 1024;
+
+/// A [`Transport`] over NATS JetStream. See the crate docs for the mapping.
+#[derive(Clone)]
+pub struct NatsTransport {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for NatsTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsTransport")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) struct Inner {
+    pub(crate) client: async_nats::Client,
+    pub(crate) js: jetstream::Context,
+    pub(crate) config: NatsConfig,
+    /// Stop pulling new events (shutdown began).
+    pub(crate) closing: CancellationToken,
+    /// The shutdown deadline passed: abandon in-flight handlers.
+    pub(crate) stop: CancellationToken,
+    closed: AtomicBool,
+    /// Held shared by publishes and subscribes; shutdown takes it once.
+    gate: tokio::sync::RwLock<()>,
+    runners: Mutex<Ledger>,
+    runners_changed: Notify,
+    max_payload: usize,
+}
+
+#[derive(Default)]
+struct Ledger {
+    active: usize,
+    unfinished: Vec<(GroupId, Envelope)>,
+}
+
+/// Counts a running subscription until it reports what it left.
+pub(crate) struct Running(Arc<Inner>);
+
+impl Running {
+    pub(crate) fn finish(self, abandoned: Vec<(GroupId, Envelope)>) {
+        self.0
+            .runners
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .unfinished
+            .extend(abandoned);
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0
+            .runners
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .active -= 1;
+        self.0.runners_changed.notify_waiters();
+    }
+}
+
+impl Inner {
+    pub(crate) fn runner_started(self: &Arc<Self>) -> Running {
+        self.runners
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .active += 1;
+        Running(self.clone())
+    }
+
+    async fn runners_done(&self) {
+        loop {
+            let changed = self.runners_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self
+                .runners
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .active
+                == 0
+            {
+                return;
+            }
+            changed.await;
+        }
+    }
+
+    fn closed_error() -> Error {
+        Error::new(ErrorKind::Closed, "the NATS transport is shut down")
+    }
+}
+
+fn storage(s: Storage) -> stream::StorageType {
+    match s {
+        Storage::Memory => stream::StorageType::Memory,
+        _ => stream::StorageType::File,
+    }
+}
+
+impl NatsTransport {
+    /// Connects and declares the event and dead-letter streams
+    /// (idempotently: existing streams are used as they are).
+    pub async fn connect(config: NatsConfig) -> Result<Self> {
+        let client = config.connect().await?;
+        let js = jetstream::new(client.clone());
+        let prefix = &config.subject_prefix;
+        let settings = &config.stream;
+        let events = stream::Config {
+            name: settings.name.clone(),
+            subjects: vec![format!("{prefix}.>")],
+            storage: storage(settings.storage),
+            num_replicas: settings.replicas,
+            retention: match settings.retention {
+                Retention::Interest => stream::RetentionPolicy::Interest,
+                _ => stream::RetentionPolicy::Limits,
+            },
+            max_age: settings.max_age.unwrap_or_default(),
+            max_bytes: settings.max_bytes.unwrap_or(-1),
+            duplicate_window: settings.duplicate_window,
+            ..Default::default()
+        };
+        let dead = stream::Config {
+            name: config.dead_letter_stream(),
+            subjects: vec![format!("{prefix}_dlq.>")],
+            storage: storage(settings.storage),
+            num_replicas: settings.replicas,
+            retention: stream::RetentionPolicy::Limits,
+            duplicate_window: settings.duplicate_window,
+            ..Default::default()
+        };
+        for wanted in [events, dead] {
+            let mut stream = js
+                .get_or_create_stream(wanted.clone())
+                .await
+                .map_err(|e| api_error(&format!("declare stream {}", wanted.name), e))?;
+            let info = stream
+                .info()
+                .await
+                .map_err(|e| api_error(&format!("stream {}", wanted.name), e))?;
+            if info.config.subjects != wanted.subjects {
+                return Err(config_error(format!(
+                    "stream {} exists with subjects {:?}, not {:?}",
+                    wanted.name, info.config.subjects, wanted.subjects
+                )));
+            }
+        }
+        let max_payload = client.server_info().max_payload.saturating_sub(HEADER_ROOM);
+        Ok(Self {
+            inner: Arc::new(Inner {
+                client,
+                js,
+                config,
+                closing: CancellationToken::new(),
+                stop: CancellationToken::new(),
+                closed: AtomicBool::new(false),
+                gate: tokio::sync::RwLock::new(()),
+                runners: Mutex::default(),
+                runners_changed: Notify::new(),
+                max_payload,
+            }),
+        })
+    }
+
+    /// The async-nats client, for anything this crate does not cover.
+    pub fn client(&self) -> &async_nats::Client {
+        &self.inner.client
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &NatsConfig {
+        &self.inner.config
+    }
+
+    /// Deletes the event and dead-letter streams, with every event and
+    /// group in them. For tests and tear-down; there is no undo.
+    pub async fn delete_streams(&self) -> Result<()> {
+        for name in [
+            self.inner.config.stream.name.clone(),
+            self.inner.config.dead_letter_stream(),
+        ] {
+            if let Err(e) = self.inner.js.delete_stream(&name).await {
+                if !e.to_string().contains("not found") {
+                    return Err(api_error(&format!("delete stream {name}"), e));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The group's stored dead letters with their stream sequences.
+    async fn stored_dead_letters(
+        &self,
+        group: &GroupId,
+    ) -> Result<Vec<(u64, async_nats::jetstream::message::StreamMessage)>> {
+        let name = self.inner.config.dead_letter_stream();
+        let stream = self
+            .inner
+            .js
+            .get_stream(&name)
+            .await
+            .map_err(|e| api_error(&format!("get stream {name}"), e))?;
+        let subject = dead_letter_subject(&self.inner.config.subject_prefix, group);
+        let mut out = Vec::new();
+        let mut next = 1;
+        loop {
+            let found = stream
+                .raw_message_builder()
+                .sequence(next)
+                .next_by_subject(subject.clone())
+                .send()
+                .await;
+            match found {
+                Ok(message) => {
+                    next = message.sequence + 1;
+                    out.push((message.sequence, message));
+                }
+                Err(e) if is_no_message(&e) => return Ok(out),
+                Err(e) => return Err(api_error("read dead letters", e)),
+            }
+        }
+    }
+}
+
+fn is_no_message(e: &async_nats::jetstream::stream::RawMessageError) -> bool {
+    use async_nats::jetstream::stream::RawMessageErrorKind;
+    match e.kind() {
+        RawMessageErrorKind::NoMessageFound => true,
+        RawMessageErrorKind::JetStream(js) => js.to_string().contains("no message found"),
+        _ => false,
+    }
+}
+
+#[async_trait]
+impl Transport for NatsTransport {
+    fn name(&self) -> &str {
+        "nats"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let mut caps = Capabilities::none();
+        caps.persistent = self.inner.config.stream.storage == Storage::File;
+        caps.consumer_groups = true;
+        caps.per_key_order = true;
+        caps.native_delayed_retry = true;
+        caps.max_payload = Some(self.inner.max_payload);
+        caps.dead_letter_store = true;
+        caps.duplicates = true;
+        caps
+    }
+
+    async fn publish(&self, envelope: Envelope) -> Result<()> {
+        let _open = self.inner.gate.read().await;
+        if self.inner.closed.load(SeqCst) {
+            return Err(Inner::closed_error());
+        }
+        let attrs = envelope.attributes();
+        attrs.validate()?;
+        seambus::validate_name(&attrs.event_type)?;
+        let payload = envelope.payload_bytes().cloned().ok_or_else(|| {
+            Error::new(
+                ErrorKind::Encode,
+                "the NATS transport carries encoded payloads; publish through a Bus",
+            )
+        })?;
+        if payload.len() > self.inner.max_payload {
+            return Err(Error::new(
+                ErrorKind::PayloadTooLarge,
+                format!(
+                    "{} bytes is over the server's limit of {}",
+                    payload.len(),
+                    self.inner.max_payload
+                ),
+            ));
+        }
+        let subject = event_subject(&self.inner.config.subject_prefix, &attrs.event_type);
+        let id = attrs.id.to_string();
+        publish_confirmed(
+            &self.inner.js,
+            &subject,
+            &id,
+            headers_of(attrs),
+            payload,
+            self.inner.config.publish_timeout,
+        )
+        .await
+    }
+
+    async fn subscribe(
+        &self,
+        spec: SubscriptionSpec,
+        handler: Arc<dyn DeliveryHandler>,
+    ) -> Result<Box<dyn Consumer>> {
+        let _open = self.inner.gate.read().await;
+        if self.inner.closed.load(SeqCst) {
+            return Err(Inner::closed_error());
+        }
+        if spec.concurrency == 0 {
+            return Err(config_error("concurrency must be at least 1"));
+        }
+        subscriber::subscribe(&self.inner, spec, handler).await
+    }
+
+    async fn dead_letters(&self, group: &GroupId) -> Result<Vec<DeadLetter>> {
+        Ok(self
+            .stored_dead_letters(group)
+            .await?
+            .into_iter()
+            .map(|(_, m)| dead_letter_of(group, &m.headers, m.payload))
+            .collect())
+    }
+
+    async fn redrive(&self, group: &GroupId, ids: Option<&[Uuid]>) -> Result<usize> {
+        let stored = self.stored_dead_letters(group).await?;
+        let dlq = self
+            .inner
+            .js
+            .get_stream(self.inner.config.dead_letter_stream())
+            .await
+            .map_err(|e| api_error("get dead-letter stream", e))?;
+        let mut n = 0;
+        for (seq, message) in stored {
+            let dl = dead_letter_of(group, &message.headers, message.payload.clone());
+            if ids.is_some_and(|ids| !ids.contains(&dl.envelope.id())) {
+                continue;
+            }
+            // Back on the subject it came from, for this group only, with a
+            // fresh message id (the original is still in the duplicate
+            // window). Deleted from the dead letters only once stored.
+            let subject = message
+                .headers
+                .get(DL_SUBJECT)
+                .map(|s| s.as_str().to_owned())
+                .unwrap_or_else(|| {
+                    event_subject(&self.inner.config.subject_prefix, dl.envelope.event_type())
+                });
+            let mut headers = async_nats::HeaderMap::new();
+            for (name, values) in message.headers.iter() {
+                let name: &str = name.as_ref();
+                if name.len() > 11 && name[..11].eq_ignore_ascii_case("seambus-dl-") {
+                    continue;
+                }
+                for value in values {
+                    headers.append(name, value.as_str());
+                }
+            }
+            let msg_id = format!("redrive:{}:{seq}", consumer_name(group));
+            headers.insert(MSG_ID, msg_id.as_str());
+            headers.insert(REDRIVE_GROUP, consumer_name(group));
+            publish_confirmed(
+                &self.inner.js,
+                &subject,
+                &msg_id,
+                headers,
+                message.payload,
+                self.inner.config.publish_timeout,
+            )
+            .await?;
+            dlq.delete_message(seq)
+                .await
+                .map_err(|e| api_error("delete a redriven dead letter", e))?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    async fn shutdown(&self, deadline: Duration) -> Result<ShutdownReport> {
+        self.inner.closed.store(true, SeqCst);
+        self.inner.closing.cancel();
+        let drained = tokio::time::timeout(deadline, async {
+            // Publishes in flight finish (confirmed or failed) ...
+            drop(self.inner.gate.write().await);
+            // ... and subscriptions finish their in-flight handlers.
+            self.inner.runners_done().await;
+        })
+        .await
+        .is_ok();
+        // Past the deadline: handlers still running give their events back.
+        self.inner.stop.cancel();
+        self.inner.runners_done().await;
+        if let Err(e) = self.inner.client.flush().await {
+            tracing::warn!(error = %e, "flushing the NATS connection on shutdown failed");
+        }
+        let unfinished: Vec<Unfinished> = std::mem::take(
+            &mut self
+                .inner
+                .runners
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .unfinished,
+        )
+        .into_iter()
+        .map(|(group, envelope)| Unfinished::new(group, envelope))
+        .collect();
+        let mut report = ShutdownReport::drained();
+        report.drained = drained && unfinished.is_empty();
+        report.unfinished = unfinished;
+        Ok(report)
+    }
+}

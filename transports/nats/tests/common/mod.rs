@@ -1,0 +1,123 @@
+//! The test harness: a real NATS server, fresh streams per case.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use seambus::conformance::Harness;
+use seambus::transport::Transport;
+use seambus_nats::{NatsConfig, NatsTransport};
+
+pub const LOCAL_URL: &str = "nats://127.0.0.1:4222";
+
+/// The server under test (`SEAMBUS_TEST_NATS_URL`, default loopback).
+pub fn url() -> String {
+    std::env::var("SEAMBUS_TEST_NATS_URL").unwrap_or_else(|_| LOCAL_URL.to_owned())
+}
+
+/// Stream and subject names of one test namespace.
+pub fn config(namespace: &str) -> NatsConfig {
+    NatsConfig::default()
+        .with_servers([url()])
+        .with_stream_name(format!("T_{namespace}"))
+        .with_subject_prefix(format!("t-{namespace}"))
+        // Short, so events a stopped consumer held come back quickly.
+        .with_ack_wait(Duration::from_secs(2))
+}
+
+pub fn unreachable() -> Option<String> {
+    let url = url();
+    let host = url
+        .trim_start_matches("nats://")
+        .trim_start_matches("tls://");
+    let host = host.rsplit('@').next().unwrap_or(host);
+    let addr = host.to_socket_addrs().ok().and_then(|mut a| a.next());
+    match addr {
+        Some(addr) if TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_ok() => None,
+        _ => Some(format!("no NATS server answers at {url}")),
+    }
+}
+
+pub async fn transport(namespace: &str) -> NatsTransport {
+    NatsTransport::connect(config(namespace))
+        .await
+        .expect("connect to NATS")
+}
+
+pub struct Nats {
+    pub restart: bool,
+}
+
+#[async_trait::async_trait]
+impl Harness for Nats {
+    async fn transport(&self, namespace: &str) -> Arc<dyn Transport> {
+        Arc::new(transport(namespace).await)
+    }
+
+    async fn cleanup(&self, namespace: &str) {
+        if let Ok(t) = NatsTransport::connect(config(namespace)).await {
+            let _ = t.delete_streams().await;
+        }
+    }
+
+    fn unavailable(&self) -> Option<String> {
+        unreachable()
+    }
+
+    fn restart_broker(&self) -> Option<BoxFuture<'static, ()>> {
+        (self.restart && url() == LOCAL_URL && std::path::Path::new(NATS_SERVER).exists())
+            .then(|| Box::pin(restart_local_server()) as BoxFuture<'static, ()>)
+    }
+}
+
+const NATS_SERVER: &str = "/usr/sbin/nats-server";
+
+/// Stops the local server (started from the Debian package) and starts it
+/// again with the same command, then waits until it answers.
+pub async fn restart_local_server() {
+    tokio::task::spawn_blocking(|| {
+        let status = std::process::Command::new("start-stop-daemon")
+            .args(["--stop", "--oknodo", "--retry", "10", "--exec", NATS_SERVER])
+            .status()
+            .expect("run start-stop-daemon --stop");
+        assert!(status.success(), "stopping nats-server failed: {status}");
+        start_local_server();
+    })
+    .await
+    .expect("restart task");
+}
+
+/// The documented start command; waits up to 30 s for the port.
+pub fn start_local_server() {
+    let status = std::process::Command::new("start-stop-daemon")
+        .args([
+            "--start",
+            "--oknodo",
+            "--background",
+            "--exec",
+            NATS_SERVER,
+            "--",
+            "-a",
+            "127.0.0.1",
+            "-p",
+            "4222",
+            "-js",
+            "-sd",
+            "/var/lib/nats-server",
+            "-l",
+            "/var/log/nats-server.log",
+        ])
+        .status()
+        .expect("run start-stop-daemon --start");
+    assert!(status.success(), "starting nats-server failed: {status}");
+    for _ in 0..300 {
+        if unreachable().is_none() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("nats-server did not come back on 127.0.0.1:4222");
+}
