@@ -66,11 +66,14 @@ fn publish_error(subject: &str, err: async_nats::jetstream::context::PublishErro
         PublishErrorKind::MaxPayloadExceeded => {
             Error::new(ErrorKind::PayloadTooLarge, format!("{subject}: {err}")).with_source(err)
         }
-        PublishErrorKind::StreamNotFound => Error::new(
-            ErrorKind::Config,
-            format!("no stream takes subject {subject}; was the transport's stream deleted?"),
-        )
-        .with_source(err),
+        // Also what a server answers while JetStream is still recovering its
+        // streams after a restart, so it is retried until the timeout.
+        PublishErrorKind::StreamNotFound => connection_error(
+            format!(
+                "no stream takes subject {subject} (JetStream starting up, or the stream was deleted)"
+            ),
+            err,
+        ),
         _ => connection_error(format!("publish to {subject}"), err),
     }
 }
