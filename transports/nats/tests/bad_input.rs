@@ -26,7 +26,10 @@ fn ready() -> bool {
 
 fn count_into(
     tally: &Arc<Tally>,
-) -> impl Fn(Received<OrderPlaced>, Context) -> futures_util::future::BoxFuture<'static, Result<(), HandlerError>>
+) -> impl Fn(
+    Received<OrderPlaced>,
+    Context,
+) -> futures_util::future::BoxFuture<'static, Result<(), HandlerError>>
        + Send
        + Sync
        + 'static {
@@ -80,7 +83,9 @@ fn a_foreign_message_is_dead_lettered_with_the_reason_and_the_flow_goes_on() {
             })
             .await
             .unwrap();
-        tally.wait_for_all("the good event", &HashSet::from([good])).await;
+        tally
+            .wait_for_all("the good event", &HashSet::from([good]))
+            .await;
         poll_until("two dead letters", || async {
             sub.dead_letters().await.unwrap().len() == 2
         })
@@ -171,7 +176,11 @@ fn oversized_payloads_and_forged_headers_are_refused_before_sending() {
             .publish(Envelope::from_bytes(attrs, &b"{}"[..]))
             .await
             .unwrap_err();
-        assert_eq!(err.kind(), ErrorKind::InvalidName, "no wildcards in subjects");
+        assert_eq!(
+            err.kind(),
+            ErrorKind::InvalidName,
+            "no wildcards in subjects"
+        );
         common::Nats { restart: false }.cleanup(&ns).await;
     });
 }
