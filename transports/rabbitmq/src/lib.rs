@@ -1,0 +1,395 @@
+#![doc = include_str!("../README.md")]
+
+mod config;
+mod connection;
+mod error;
+mod publisher;
+mod subscriber;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use lapin::options::{BasicAckOptions, BasicGetOptions, ExchangeDeleteOptions, QueueDeleteOptions};
+use lapin::types::AMQPValue;
+use seambus::transport::{
+    Capabilities, Consumer, DeadLetter, DeadLetterReason, DeliveryHandler, GroupId, ShutdownReport,
+    SubscriptionSpec, Transport, Unfinished,
+};
+use seambus::{Attributes, Envelope, Error, ErrorKind, Result};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+pub use config::{QueueType, RabbitMqConfig, TlsSettings};
+
+use crate::connection::{dead_letter_exchange, Connector, GroupQueues};
+use crate::error::amqp_error;
+use crate::publisher::{
+    envelope_of, properties_of, publish_confirmed, value_text, ATTEMPT, DL_PREFIX,
+};
+
+/// A [`Transport`] over RabbitMQ. See the crate docs for the mapping.
+#[derive(Clone)]
+pub struct RabbitMqTransport {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for RabbitMqTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RabbitMqTransport")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) struct Inner {
+    pub(crate) config: RabbitMqConfig,
+    pub(crate) connector: Connector,
+    /// Stop consuming (shutdown began).
+    pub(crate) closing: CancellationToken,
+    /// The shutdown deadline passed.
+    pub(crate) stop: CancellationToken,
+    closed: AtomicBool,
+    gate: tokio::sync::RwLock<()>,
+    runners: Mutex<Ledger>,
+    runners_changed: Notify,
+    /// Queues declared by this transport, for [`RabbitMqTransport::delete_topology`].
+    declared: Mutex<BTreeSet<String>>,
+}
+
+#[derive(Default)]
+struct Ledger {
+    active: usize,
+    unfinished: Vec<(GroupId, Envelope)>,
+}
+
+/// Counts a running subscription until it reports what it left.
+pub(crate) struct Running(Arc<Inner>);
+
+impl Running {
+    pub(crate) fn finish(self, abandoned: Vec<(GroupId, Envelope)>) {
+        lock(&self.0.runners).unfinished.extend(abandoned);
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        lock(&self.0.runners).active -= 1;
+        self.0.runners_changed.notify_waiters();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Inner {
+    pub(crate) fn runner_started(self: &Arc<Self>) -> Running {
+        lock(&self.runners).active += 1;
+        Running(self.clone())
+    }
+
+    async fn runners_done(&self) {
+        loop {
+            let changed = self.runners_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if lock(&self.runners).active == 0 {
+                return;
+            }
+            changed.await;
+        }
+    }
+}
+
+impl RabbitMqTransport {
+    /// Connects (failing fast if the broker cannot be reached now; later
+    /// losses are recovered on their own).
+    pub async fn connect(config: RabbitMqConfig) -> Result<Self> {
+        config.validate()?;
+        let closing = CancellationToken::new();
+        let connector = Connector::new(config.clone(), closing.clone());
+        connector
+            .connection(Some(tokio::time::Instant::now()))
+            .await?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                connector,
+                closing,
+                stop: CancellationToken::new(),
+                closed: AtomicBool::new(false),
+                gate: tokio::sync::RwLock::new(()),
+                runners: Mutex::default(),
+                runners_changed: Notify::new(),
+                declared: Mutex::default(),
+            }),
+        })
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &RabbitMqConfig {
+        &self.inner.config
+    }
+
+    /// Deletes the queues of the groups this transport subscribed, and the
+    /// exchanges. For tests and tear-down; there is no undo.
+    pub async fn delete_topology(&self) -> Result<()> {
+        let connection = self.inner.connector.connection(None).await?;
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| amqp_error("open channel", e))?;
+        let queues: Vec<String> = lock(&self.inner.declared).iter().cloned().collect();
+        for queue in queues {
+            channel
+                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                .await
+                .map_err(|e| amqp_error(&format!("delete queue {queue}"), e))?;
+        }
+        for exchange in [
+            self.inner.config.exchange.clone(),
+            dead_letter_exchange(&self.inner.config.exchange),
+        ] {
+            channel
+                .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+                .await
+                .map_err(|e| amqp_error(&format!("delete exchange {exchange}"), e))?;
+        }
+        let _ = channel.close(200, "deleted".into()).await;
+        Ok(())
+    }
+
+    /// Reads the group's dead-letter queue. Messages stay unacknowledged on
+    /// a private channel; `keep(id)` says which to take out (acked after
+    /// `take` stored them), the rest return to the queue when the channel
+    /// closes.
+    async fn scan_dead_letters<F, Fut>(
+        &self,
+        group: &GroupId,
+        mut take: F,
+    ) -> Result<Vec<DeadLetter>>
+    where
+        F: FnMut(DeadLetter, Vec<u8>, lapin::BasicProperties) -> Fut,
+        Fut: std::future::Future<Output = Result<bool>>,
+    {
+        let queues = GroupQueues::new(&self.inner.config.exchange, group);
+        let connection = self.inner.connector.connection(None).await?;
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| amqp_error("open channel", e))?;
+        let mut seen = Vec::new();
+        let result = async {
+            loop {
+                let got = channel
+                    .basic_get(queues.dead.as_str().into(), BasicGetOptions::default())
+                    .await
+                    .map_err(|e| amqp_error(&format!("read {}", queues.dead), e))?;
+                let Some(message) = got else { break };
+                let delivery = message.delivery;
+                let dl = dead_letter_of(group, &delivery.properties, &delivery.data);
+                seen.push(dl.clone());
+                if take(dl, delivery.data.clone(), delivery.properties.clone()).await? {
+                    delivery
+                        .acker
+                        .ack(BasicAckOptions::default())
+                        .await
+                        .map_err(|e| amqp_error("ack a redriven dead letter", e))?;
+                }
+            }
+            Ok::<_, Error>(())
+        }
+        .await;
+        let _ = channel.close(200, "scanned".into()).await;
+        result.map(|()| seen)
+    }
+}
+
+/// Reads a dead letter back from its message.
+fn dead_letter_of(group: &GroupId, properties: &lapin::BasicProperties, data: &[u8]) -> DeadLetter {
+    let headers = properties.headers().clone().unwrap_or_default();
+    let get = |name: &str| {
+        headers
+            .inner()
+            .get(format!("{DL_PREFIX}{name}").as_str())
+            .and_then(value_text)
+    };
+    let (envelope, _) = envelope_of(properties, data);
+    let envelope = envelope.unwrap_or_else(|_| {
+        let mut attrs = Attributes::new("unknown", get("routing-key").unwrap_or_default(), 0);
+        if let Some(id) = get("id").and_then(|s| s.parse().ok()) {
+            attrs.id = id;
+        }
+        Envelope::from_bytes(attrs, data.to_vec())
+    });
+    let reason = get("reason")
+        .and_then(|r| DeadLetterReason::parse(&r))
+        .unwrap_or(DeadLetterReason::Undecodable);
+    let mut dl = DeadLetter::new(
+        envelope,
+        group.clone(),
+        reason,
+        get("error").unwrap_or_else(|| "dead-lettered by the broker (delivery limit)".into()),
+        get("attempts").and_then(|a| a.parse().ok()).unwrap_or(0),
+    );
+    if let Some(time) = get("time").and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok()) {
+        dl.time = time.with_timezone(&chrono::Utc);
+    }
+    dl
+}
+
+#[async_trait]
+impl Transport for RabbitMqTransport {
+    fn name(&self) -> &str {
+        "rabbitmq"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let mut caps = Capabilities::none();
+        caps.persistent = true;
+        caps.consumer_groups = true;
+        caps.per_key_order = true;
+        caps.native_delayed_retry = true;
+        caps.max_payload = Some(self.inner.config.max_message_size);
+        caps.dead_letter_store = true;
+        caps.duplicates = true;
+        caps
+    }
+
+    async fn publish(&self, envelope: Envelope) -> Result<()> {
+        let _open = self.inner.gate.read().await;
+        if self.inner.closed.load(SeqCst) {
+            return Err(Error::new(
+                ErrorKind::Closed,
+                "the RabbitMQ transport is shut down",
+            ));
+        }
+        let attrs = envelope.attributes();
+        attrs.validate()?;
+        seambus::validate_name(&attrs.event_type)?;
+        let payload = envelope.payload_bytes().ok_or_else(|| {
+            Error::new(
+                ErrorKind::Encode,
+                "the RabbitMQ transport carries encoded payloads; publish through a Bus",
+            )
+        })?;
+        if payload.len() > self.inner.config.max_message_size {
+            return Err(Error::new(
+                ErrorKind::PayloadTooLarge,
+                format!(
+                    "{} bytes is over the broker's max message size of {}",
+                    payload.len(),
+                    self.inner.config.max_message_size
+                ),
+            ));
+        }
+        publish_confirmed(
+            &self.inner.connector,
+            &self.inner.config.exchange,
+            &attrs.event_type,
+            payload,
+            properties_of(attrs, 1),
+            self.inner.config.publish_timeout,
+        )
+        .await
+    }
+
+    async fn subscribe(
+        &self,
+        spec: SubscriptionSpec,
+        handler: Arc<dyn DeliveryHandler>,
+    ) -> Result<Box<dyn Consumer>> {
+        let _open = self.inner.gate.read().await;
+        if self.inner.closed.load(SeqCst) {
+            return Err(Error::new(
+                ErrorKind::Closed,
+                "the RabbitMQ transport is shut down",
+            ));
+        }
+        if spec.concurrency == 0 {
+            return Err(crate::error::config_error("concurrency must be at least 1"));
+        }
+        let queues = GroupQueues::new(&self.inner.config.exchange, &spec.group);
+        {
+            let mut declared = lock(&self.inner.declared);
+            declared.insert(queues.work.clone());
+            declared.insert(queues.dead.clone());
+            for n in 2..=spec.retry.max_attempts.max(2) {
+                declared.insert(queues.retry(n));
+            }
+        }
+        subscriber::subscribe(&self.inner, spec, handler).await
+    }
+
+    async fn dead_letters(&self, group: &GroupId) -> Result<Vec<DeadLetter>> {
+        self.scan_dead_letters(group, |_, _, _| async { Ok(false) })
+            .await
+    }
+
+    async fn redrive(&self, group: &GroupId, ids: Option<&[Uuid]>) -> Result<usize> {
+        let queues = GroupQueues::new(&self.inner.config.exchange, group);
+        let count = std::sync::atomic::AtomicUsize::new(0);
+        let count = &count;
+        let inner = &self.inner;
+        self.scan_dead_letters(group, |dl, data, properties| {
+            let wanted = ids.is_none_or(|ids| ids.contains(&dl.envelope.id()));
+            let work = queues.work.clone();
+            async move {
+                if !wanted {
+                    return Ok(false);
+                }
+                // Straight to this group's work queue (no other group sees
+                // it), attempts counted afresh, reason headers dropped.
+                let properties = subscriber::with_headers(&properties, |h| {
+                    let kept: std::collections::BTreeMap<_, _> = h
+                        .inner()
+                        .iter()
+                        .filter(|(k, _)| !k.as_str().starts_with(DL_PREFIX))
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect();
+                    *h = kept.into();
+                    h.insert(ATTEMPT.into(), AMQPValue::LongLongInt(1));
+                });
+                publish_confirmed(
+                    &inner.connector,
+                    "",
+                    &work,
+                    &data,
+                    properties,
+                    inner.config.publish_timeout,
+                )
+                .await?;
+                count.fetch_add(1, SeqCst);
+                Ok(true)
+            }
+        })
+        .await?;
+        Ok(count.load(SeqCst))
+    }
+
+    async fn shutdown(&self, deadline: Duration) -> Result<ShutdownReport> {
+        self.inner.closed.store(true, SeqCst);
+        self.inner.closing.cancel();
+        let drained = tokio::time::timeout(deadline, async {
+            drop(self.inner.gate.write().await);
+            self.inner.runners_done().await;
+        })
+        .await
+        .is_ok();
+        self.inner.stop.cancel();
+        self.inner.runners_done().await;
+        self.inner.connector.close().await;
+        let unfinished: Vec<Unfinished> = std::mem::take(&mut lock(&self.inner.runners).unfinished)
+            .into_iter()
+            .map(|(group, envelope)| Unfinished::new(group, envelope))
+            .collect();
+        let mut report = ShutdownReport::drained();
+        report.drained = drained && unfinished.is_empty();
+        report.unfinished = unfinished;
+        Ok(report)
+    }
+}

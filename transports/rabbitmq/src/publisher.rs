@@ -1,0 +1,187 @@
+//! Publishing: the CloudEvents AMQP binding, confirmed, mandatory publishes.
+
+use lapin::options::BasicPublishOptions;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Confirmation};
+use seambus::{Attributes, Envelope, Error, ErrorKind, Result};
+use tokio::time::Instant;
+
+use crate::connection::Connector;
+use crate::error::amqp_error;
+
+/// Prefix of CloudEvents attributes among the application properties.
+pub(crate) const CE_PREFIX: &str = "cloudEvents:";
+/// The attempt number of the next delivery.
+pub(crate) const ATTEMPT: &str = "x-seambus-attempt";
+/// Prefix of the dead-letter headers.
+pub(crate) const DL_PREFIX: &str = "x-seambus-dl-";
+
+/// Headers RabbitMQ or Seambus add, which are not user headers.
+pub(crate) fn is_transport_header(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    lower.starts_with("x-seambus-")
+        || lower == "x-death"
+        || lower == "x-delivery-count"
+        || lower.starts_with("x-first-death-")
+        || lower.starts_with("x-last-death-")
+}
+
+pub(crate) fn text(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s))
+}
+
+/// A header value as text, when it is text or a number.
+pub(crate) fn value_text(value: &AMQPValue) -> Option<String> {
+    match value {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        AMQPValue::LongLongInt(n) => Some(n.to_string()),
+        AMQPValue::LongInt(n) => Some(n.to_string()),
+        AMQPValue::LongUInt(n) => Some(n.to_string()),
+        AMQPValue::ShortInt(n) => Some(n.to_string()),
+        AMQPValue::ShortUInt(n) => Some(n.to_string()),
+        AMQPValue::Boolean(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+/// Message properties of an envelope: `message_id` = id, `content_type` =
+/// `datacontenttype`, persistent, `cloudEvents:*` application properties
+/// for the other attributes, user headers as they are.
+pub(crate) fn properties_of(attrs: &Attributes, attempt: u32) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    for (name, value) in attrs.to_wire_headers(CE_PREFIX) {
+        if name != "cloudEvents:datacontenttype" {
+            headers.insert(ShortString::from(name), text(&value));
+        }
+    }
+    headers.insert(ATTEMPT.into(), AMQPValue::LongLongInt(i64::from(attempt)));
+    BasicProperties::default()
+        .with_message_id(attrs.id.to_string().into())
+        .with_content_type(attrs.data_content_type.as_ref().into())
+        .with_delivery_mode(2)
+        .with_timestamp(attrs.time.timestamp().max(0) as u64)
+        .with_type(attrs.event_type.as_ref().into())
+        .with_app_id(attrs.source.as_ref().into())
+        .with_headers(headers)
+}
+
+/// Reads an envelope and the attempt number back from a message.
+pub(crate) fn envelope_of(properties: &BasicProperties, data: &[u8]) -> (Result<Envelope>, u32) {
+    let empty = FieldTable::default();
+    let headers = properties.headers().as_ref().unwrap_or(&empty);
+    let attempt = headers
+        .inner()
+        .get(ATTEMPT)
+        .and_then(value_text)
+        .and_then(|a| a.parse::<u32>().ok())
+        .unwrap_or(1)
+        .max(1);
+    let pairs: Vec<(String, String)> = headers
+        .inner()
+        .iter()
+        .filter_map(|(k, v)| value_text(v).map(|v| (k.as_str().to_owned(), v)))
+        .collect();
+    let parsed = Attributes::from_wire_headers(
+        CE_PREFIX,
+        pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        is_transport_header,
+    )
+    .map(|mut attrs| {
+        if let Some(ct) = properties.content_type() {
+            attrs.data_content_type = ct.as_str().to_owned().into();
+        }
+        Envelope::from_bytes(attrs, data.to_vec())
+    });
+    (parsed, attempt)
+}
+
+/// Publishes and waits for the broker's confirm. An unroutable message
+/// (returned, as `mandatory` asks) is an error. Connection and channel
+/// losses are retried until `publish_timeout`.
+pub(crate) async fn publish_confirmed(
+    connector: &Connector,
+    exchange: &str,
+    routing_key: &str,
+    payload: &[u8],
+    properties: BasicProperties,
+    timeout: std::time::Duration,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut pause = std::time::Duration::from_millis(50);
+    loop {
+        let attempt = async {
+            let channel = connector.publisher(Some(deadline)).await?;
+            let confirm = channel
+                .basic_publish(
+                    exchange.into(),
+                    routing_key.into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    payload,
+                    properties.clone(),
+                )
+                .await
+                .map_err(|e| amqp_error("publish", e))?;
+            match confirm.await.map_err(|e| amqp_error("publisher confirm", e))? {
+                Confirmation::Ack(None) => Ok(()),
+                Confirmation::Ack(Some(returned)) => Err(Error::new(
+                    ErrorKind::Other,
+                    format!(
+                        "unroutable: no queue is bound to `{routing_key}` on exchange `{exchange}` (no group subscribes to it): {}",
+                        returned.reply_text
+                    ),
+                )),
+                Confirmation::Nack(_) => Err(Error::new(
+                    ErrorKind::Connection,
+                    format!("the broker refused to store a message for `{routing_key}`"),
+                )),
+                Confirmation::NotRequested => Err(Error::new(
+                    ErrorKind::Other,
+                    "publisher confirms are not enabled on the channel",
+                )),
+            }
+        };
+        let error = match tokio::time::timeout_at(deadline, attempt).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) => e,
+            Err(_) => {
+                return Err(Error::new(
+                    ErrorKind::Timeout,
+                    format!("publish to `{routing_key}` not confirmed within {timeout:?}"),
+                ))
+            }
+        };
+        if !error.is_retryable() || Instant::now() + pause >= deadline {
+            return Err(error);
+        }
+        tracing::debug!(routing_key, %error, "publish failed; retrying");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(std::time::Duration::from_secs(1));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn properties_round_trip() {
+        let mut attrs = Attributes::new("orders", "orders.order_placed", 2);
+        attrs.partition_key = Some("k".into());
+        attrs.headers.push(("x-tenant".into(), "acme".into()));
+        let props = properties_of(&attrs, 3);
+        let (env, attempt) = envelope_of(&props, b"{}");
+        assert_eq!(env.unwrap().attributes(), &attrs);
+        assert_eq!(attempt, 3);
+    }
+
+    #[test]
+    fn a_plain_message_is_not_an_envelope() {
+        let (env, attempt) = envelope_of(&BasicProperties::default(), b"hello");
+        assert_eq!(env.unwrap_err().kind(), ErrorKind::Decode);
+        assert_eq!(attempt, 1);
+    }
+}
