@@ -10,6 +10,8 @@ use seambus::conformance::{block_on, broker_ready, broker_restart_with, Harness}
 
 #[test]
 fn ten_thousand_events_survive_a_server_restart_in_two_groups() {
+    // Whatever happens, the server is left running.
+    let _restore = common::RestoreServer;
     block_on(async {
         let harness = common::Nats { restart: true };
         if !broker_ready(&harness) {
@@ -24,8 +26,4 @@ fn ten_thousand_events_survive_a_server_restart_in_two_groups() {
         };
         broker_restart_with(&harness, restart, 10_000).await;
     });
-    // Whatever happened, the server is left running.
-    if common::unreachable().is_some() && common::url() == common::LOCAL_URL {
-        common::start_local_server();
-    }
 }

@@ -121,3 +121,14 @@ pub fn start_local_server() {
     }
     panic!("nats-server did not come back on 127.0.0.1:4222");
 }
+
+/// Starts the local server again when dropped, if a test left it stopped.
+pub struct RestoreServer;
+
+impl Drop for RestoreServer {
+    fn drop(&mut self) {
+        if url() == LOCAL_URL && unreachable().is_some() {
+            start_local_server();
+        }
+    }
+}

@@ -112,9 +112,28 @@ pub fn start_local_broker() {
         status.success(),
         "rabbitmq-server -detached failed: {status}"
     );
+    // The node takes a few seconds to boot; `await_startup` fails at once
+    // while it cannot reach it, so wait for the port first.
+    for _ in 0..600 {
+        if unreachable().is_none() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let status = std::process::Command::new("rabbitmqctl")
         .args(["--timeout", "120", "await_startup"])
         .status()
         .expect("run rabbitmqctl await_startup");
     assert!(status.success(), "RabbitMQ did not start: {status}");
+}
+
+/// Starts the local broker again when dropped, if a test left it stopped.
+pub struct RestoreBroker;
+
+impl Drop for RestoreBroker {
+    fn drop(&mut self) {
+        if url() == LOCAL_URL && unreachable().is_some() {
+            start_local_broker();
+        }
+    }
 }

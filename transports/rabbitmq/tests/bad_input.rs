@@ -1,0 +1,207 @@
+//! Bad input against a real RabbitMQ: foreign messages, unroutable
+//! publishes, oversized payloads, forged headers, an unreachable broker.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lapin::options::BasicPublishOptions;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use seambus::conformance::{block_on, broker_ready, poll_until, Tally};
+use seambus::transport::{DeadLetterReason, Transport};
+use seambus::{Attributes, Bus, Context, Envelope, ErrorKind, HandlerError, Received};
+use seambus_rabbitmq::{RabbitMqConfig, RabbitMqTransport};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize, seambus::Event)]
+#[event(name = "orders.order_placed")]
+struct OrderPlaced {
+    id: u64,
+    note: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, seambus::Event)]
+#[event(name = "orders.order_cancelled")]
+struct OrderCancelled {
+    id: u64,
+}
+
+fn ready() -> bool {
+    broker_ready(&common::Rabbit { restart: false })
+}
+
+fn count_into(
+    tally: &Arc<Tally>,
+) -> impl Fn(
+    Received<OrderPlaced>,
+    Context,
+) -> futures_util::future::BoxFuture<'static, Result<(), HandlerError>>
+       + Send
+       + Sync
+       + 'static {
+    let tally = tally.clone();
+    move |_e, ctx| {
+        let tally = tally.clone();
+        Box::pin(async move {
+            tally.record(ctx.envelope().id());
+            Ok(())
+        })
+    }
+}
+
+#[test]
+fn a_foreign_message_is_dead_lettered_with_the_reason_and_the_flow_goes_on() {
+    if !ready() {
+        return;
+    }
+    block_on(async {
+        let ns = seambus::conformance::namespace("foreign");
+        let bus = Bus::builder()
+            .transport("rabbitmq", common::transport(&ns).await)
+            .build()
+            .unwrap();
+        let tally = Tally::new();
+        let sub = bus
+            .module("billing")
+            .subscribe(count_into(&tally))
+            .await
+            .unwrap();
+        // A plain AMQP client, knowing nothing of Seambus.
+        let plain = Connection::connect(&common::url(), ConnectionProperties::default())
+            .await
+            .unwrap();
+        let channel = plain.create_channel().await.unwrap();
+        channel
+            .basic_publish(
+                format!("t-{ns}").into(),
+                "orders.order_placed".into(),
+                BasicPublishOptions::default(),
+                b"hello, not an envelope",
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap();
+        let good = bus
+            .module("orders")
+            .publish(OrderPlaced {
+                id: 1,
+                note: "fine".into(),
+            })
+            .await
+            .unwrap();
+        tally
+            .wait_for_all("the good event", &HashSet::from([good]))
+            .await;
+        poll_until("the dead letter", || async {
+            sub.dead_letters().await.unwrap().len() == 1
+        })
+        .await;
+        let dl = &sub.dead_letters().await.unwrap()[0];
+        assert_eq!(dl.reason, DeadLetterReason::Undecodable);
+        assert_eq!(dl.attempts, 1);
+        assert!(dl.error.contains("not a Seambus envelope"), "{}", dl.error);
+        // Listing does not consume: still there.
+        assert_eq!(sub.dead_letters().await.unwrap().len(), 1);
+        let _ = plain.close(200, "bye".into()).await;
+        bus.shutdown(Duration::from_secs(5)).await.unwrap();
+        common::cleanup(&ns).await;
+    });
+}
+
+#[test]
+fn an_unroutable_publish_is_an_error_not_a_silent_ok() {
+    if !ready() {
+        return;
+    }
+    block_on(async {
+        let ns = seambus::conformance::namespace("unroutable");
+        let bus = Bus::builder()
+            .transport("rabbitmq", common::transport(&ns).await)
+            .build()
+            .unwrap();
+        // Declare the exchange through one subscription to another event.
+        bus.module("billing")
+            .subscribe(count_into(&Tally::new()))
+            .await
+            .unwrap();
+        let err = bus
+            .module("orders")
+            .publish(OrderCancelled { id: 1 })
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("unroutable"), "{err}");
+        assert!(!err.is_retryable());
+        bus.shutdown(Duration::from_secs(5)).await.unwrap();
+        common::cleanup(&ns).await;
+    });
+}
+
+#[test]
+fn oversized_payloads_and_forged_headers_are_refused_before_sending() {
+    if !ready() {
+        return;
+    }
+    block_on(async {
+        let ns = seambus::conformance::namespace("limits");
+        let transport = Arc::new(
+            RabbitMqTransport::connect(common::config(&ns).with_max_message_size(1024))
+                .await
+                .unwrap(),
+        );
+        let bus = Bus::builder()
+            .transport_arc("rabbitmq", transport.clone())
+            .build()
+            .unwrap();
+        let tally = Tally::new();
+        bus.module("billing")
+            .subscribe(count_into(&tally))
+            .await
+            .unwrap();
+        let err = bus
+            .module("orders")
+            .publish(OrderPlaced {
+                id: 1,
+                note: "x".repeat(2000),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::PayloadTooLarge, "{err}");
+        let mut attrs = Attributes::new("orders", "orders.order_placed", 1);
+        attrs.headers.push(("x-bad".into(), "a\r\nb".into()));
+        let err = transport
+            .publish(Envelope::from_bytes(attrs, &b"{}"[..]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidHeader);
+        // The publishing channel survived both refusals.
+        let ok = bus
+            .module("orders")
+            .publish(OrderPlaced {
+                id: 2,
+                note: "small".into(),
+            })
+            .await
+            .unwrap();
+        tally
+            .wait_for_all("the small event", &HashSet::from([ok]))
+            .await;
+        bus.shutdown(Duration::from_secs(5)).await.unwrap();
+        transport.delete_topology().await.unwrap();
+    });
+}
+
+#[test]
+fn an_unreachable_broker_is_a_retryable_connection_error_without_the_password() {
+    block_on(async {
+        let err = RabbitMqTransport::connect(
+            RabbitMqConfig::default().with_uri("amqp://app:hunter2@127.0.0.1:1/%2f"),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Connection);
+        assert!(err.is_retryable());
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+    });
+}
