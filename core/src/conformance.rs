@@ -639,7 +639,14 @@ pub async fn per_key_order(h: &dyn Harness) {
             }
         })
         .concurrency(8)
-        .retry(fast_retry(10))
+        // Long enough that later events of the key are queued behind the
+        // failed one on any broker, so an implementation that lets them
+        // overtake is caught.
+        .retry(
+            RetryPolicy::default()
+                .with_max_attempts(10)
+                .with_backoff(Duration::from_millis(100), Duration::from_millis(100)),
+        )
         .await
         .unwrap();
     // One publisher: publish order is seq order within each key.

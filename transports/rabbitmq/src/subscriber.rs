@@ -43,7 +43,7 @@ enum Settled {
     /// Acked, dead-lettered or moved to a retry queue: the key is free.
     Released,
     /// Retry in this process after the delay, keeping the key (ordered).
-    RetryHere(Held, Duration),
+    RetryHere(Box<Held>, Duration),
     /// The shutdown deadline cut the handler short; not acknowledged.
     Abandoned(Envelope),
 }
@@ -242,7 +242,7 @@ impl Runner {
                         Settled::RetryHere(held, delay) => {
                             timers.spawn(async move {
                                 tokio::time::sleep(delay).await;
-                                held
+                                *held
                             });
                         }
                         Settled::Released => {
@@ -388,7 +388,7 @@ impl Runner {
                     return Done {
                         key,
                         generation,
-                        settled: Settled::RetryHere(held, delay),
+                        settled: Settled::RetryHere(Box::new(held), delay),
                     };
                 }
                 self.to_retry_queue(&held, delay, &error).await;
