@@ -5,7 +5,6 @@
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::BuildHasher;
-use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
@@ -20,6 +19,7 @@ use uuid::Uuid;
 
 use crate::envelope::Envelope;
 use crate::error::{Error, ErrorKind, Result};
+use crate::transport::support::call_guarded;
 use crate::transport::{
     Capabilities, Consumer, DeadLetter, DeadLetterReason, Delivery, DeliveryHandler, Dispatch,
     GroupId, Ordering, Outcome, RetryPolicy, ShutdownReport, SubscriptionSpec, Transport,
@@ -729,22 +729,6 @@ async fn wait_for(g: &Group, done: impl Fn(&GroupState) -> bool) {
     }
 }
 
-/// Calls a delivery handler, turning a panic (which the bus's handlers
-/// never raise, but another implementation might) into a transient failure.
-async fn guarded(handler: &dyn DeliveryHandler, delivery: Delivery) -> Outcome {
-    use futures_util::FutureExt;
-    let panicked = |_| Outcome::Retry {
-        error: "delivery handler panicked".to_owned(),
-    };
-    match std::panic::catch_unwind(AssertUnwindSafe(|| handler.handle(delivery))) {
-        Ok(fut) => AssertUnwindSafe(fut)
-            .catch_unwind()
-            .await
-            .unwrap_or_else(panicked),
-        Err(payload) => panicked(payload),
-    }
-}
-
 /// Keeps the group's worker count right however the worker ends, and hands
 /// on work it leaves behind to another worker.
 struct WorkerSlot(Arc<Group>);
@@ -807,7 +791,7 @@ async fn run_worker(
                 lock(&group.state).abandoned.push(delivery.envelope);
                 return;
             }
-            outcome = guarded(&*handler, delivery.clone()) => outcome,
+            outcome = call_guarded(&*handler, delivery.clone()) => outcome,
         };
         let (reason, error) = match outcome {
             Outcome::Ack => {

@@ -479,6 +479,215 @@ pub trait Transport: Send + Sync + 'static {
     async fn shutdown(&self, deadline: Duration) -> Result<ShutdownReport>;
 }
 
+/// Helpers for transport authors: the bookkeeping every broker transport
+/// needs for subscriptions and shutdown.
+pub mod support {
+    use std::sync::{Arc, Mutex, PoisonError};
+
+    use async_trait::async_trait;
+    use tokio::sync::Notify;
+    use tokio::task::JoinHandle;
+    use tokio_util::sync::CancellationToken;
+
+    use super::{Consumer, Unfinished};
+    use crate::error::{Error, ErrorKind, Result};
+
+    /// The running subscriptions of a transport, and what they left
+    /// unfinished when they stopped.
+    #[derive(Debug, Default)]
+    pub struct Subscriptions {
+        state: Mutex<(usize, Vec<Unfinished>)>,
+        changed: Notify,
+    }
+
+    /// Counts one running subscription until dropped.
+    #[derive(Debug)]
+    pub struct Running(Arc<Subscriptions>);
+
+    impl Running {
+        /// Records what the subscription leaves unfinished, then ends it.
+        pub fn finish(self, unfinished: Vec<Unfinished>) {
+            self.0
+                .state
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .1
+                .extend(unfinished);
+        }
+    }
+
+    impl Drop for Running {
+        fn drop(&mut self) {
+            self.0
+                .state
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .0 -= 1;
+            self.0.changed.notify_waiters();
+        }
+    }
+
+    impl Subscriptions {
+        /// Counts a subscription that starts running.
+        pub fn start(self: &Arc<Self>) -> Running {
+            self.state.lock().unwrap_or_else(PoisonError::into_inner).0 += 1;
+            Running(self.clone())
+        }
+
+        /// Waits until no subscription runs.
+        pub async fn idle(&self) {
+            loop {
+                let changed = self.changed.notified();
+                tokio::pin!(changed);
+                changed.as_mut().enable();
+                if self.state.lock().unwrap_or_else(PoisonError::into_inner).0 == 0 {
+                    return;
+                }
+                changed.await;
+            }
+        }
+
+        /// Takes what stopped subscriptions left unfinished.
+        pub fn take_unfinished(&self) -> Vec<Unfinished> {
+            std::mem::take(&mut self.state.lock().unwrap_or_else(PoisonError::into_inner).1)
+        }
+    }
+
+    /// A [`Consumer`] backed by a task that stops when `detach` is
+    /// cancelled.
+    #[derive(Debug)]
+    pub struct TaskConsumer {
+        detach: CancellationToken,
+        task: tokio::sync::Mutex<Option<JoinHandle<()>>>,
+    }
+
+    impl TaskConsumer {
+        /// Wraps the subscription task and its stop signal.
+        pub fn new(detach: CancellationToken, task: JoinHandle<()>) -> Self {
+            Self {
+                detach,
+                task: tokio::sync::Mutex::new(Some(task)),
+            }
+        }
+    }
+
+    #[async_trait]
+    impl Consumer for TaskConsumer {
+        async fn close(&self) -> Result<()> {
+            self.detach.cancel();
+            if let Some(task) = self.task.lock().await.take() {
+                task.await.map_err(|e| {
+                    Error::new(ErrorKind::Other, format!("subscription task failed: {e}"))
+                })?;
+            }
+            Ok(())
+        }
+    }
+
+    /// Calls a delivery handler, turning a panic (which the bus's handlers
+    /// never raise, but another implementation might) into a transient
+    /// failure.
+    pub async fn call_guarded(
+        handler: &dyn super::DeliveryHandler,
+        delivery: super::Delivery,
+    ) -> super::Outcome {
+        use futures_util::FutureExt;
+        use std::panic::AssertUnwindSafe;
+        let panicked = |_| super::Outcome::Retry {
+            error: "delivery handler panicked".to_owned(),
+        };
+        match std::panic::catch_unwind(AssertUnwindSafe(|| handler.handle(delivery))) {
+            Ok(fut) => AssertUnwindSafe(fut)
+                .catch_unwind()
+                .await
+                .unwrap_or_else(panicked),
+            Err(payload) => panicked(payload),
+        }
+    }
+
+    /// What to do with a received message before any handler runs: a
+    /// message that is not an envelope goes to the dead letter at once, one
+    /// delivered more often than the policy allows (crash loops) goes there
+    /// as out of attempts; anything else becomes the delivery to handle.
+    pub fn triage(
+        envelope: &std::result::Result<super::Envelope, String>,
+        attempt: u32,
+        max_attempts: u32,
+    ) -> std::result::Result<super::Delivery, super::Outcome> {
+        match envelope {
+            Err(why) => Err(super::Outcome::DeadLetter {
+                reason: super::DeadLetterReason::Undecodable,
+                error: format!("not a Seambus envelope: {why}"),
+            }),
+            Ok(_) if attempt > max_attempts => Err(super::Outcome::Retry {
+                error: format!(
+                    "delivered {attempt} times, over the {max_attempts} allowed (a handler kept failing or a process kept dying)"
+                ),
+            }),
+            Ok(envelope) => Ok(super::Delivery {
+                envelope: envelope.clone(),
+                attempt,
+            }),
+        }
+    }
+
+    /// Error text fit for a message header: control characters (CR, LF)
+    /// become spaces, at most 1024 characters.
+    pub fn header_text(text: &str) -> String {
+        text.chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .take(1024)
+            .collect()
+    }
+
+    /// The common end of a broker transport's shutdown, once it refuses new
+    /// work and has told its subscriptions to stop (`closing`): waits until
+    /// publishes in flight (holding `gate` shared) and subscriptions finish,
+    /// up to `deadline`; then fires `stop` so handlers still running give
+    /// their events back, and reports.
+    pub async fn drain(
+        deadline: std::time::Duration,
+        gate: &tokio::sync::RwLock<()>,
+        subscriptions: &Subscriptions,
+        stop: &CancellationToken,
+    ) -> super::ShutdownReport {
+        let in_time = tokio::time::timeout(deadline, async {
+            drop(gate.write().await);
+            subscriptions.idle().await;
+        })
+        .await
+        .is_ok();
+        stop.cancel();
+        subscriptions.idle().await;
+        let unfinished = subscriptions.take_unfinished();
+        let mut report = super::ShutdownReport::drained();
+        report.drained = in_time && unfinished.is_empty();
+        report.unfinished = unfinished;
+        report
+    }
+
+    /// A URL with the password of its `user:password@` part hidden, for
+    /// logs, errors and `Debug`.
+    ///
+    /// ```
+    /// use seambus::transport::support::redact_url;
+    /// assert_eq!(redact_url("amqp://app:s3cr3t@mq:5672/"), "amqp://app:<redacted>@mq:5672/");
+    /// assert_eq!(redact_url("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
+    /// ```
+    pub fn redact_url(url: &str) -> String {
+        let Some((scheme, rest)) = url.split_once("://") else {
+            return url.to_owned();
+        };
+        match rest.rsplit_once('@') {
+            Some((userinfo, host)) => {
+                let user = userinfo.split(':').next().unwrap_or("");
+                format!("{scheme}://{user}:<redacted>@{host}")
+            }
+            None => url.to_owned(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

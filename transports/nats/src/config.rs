@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::ConnectOptions;
+use seambus::transport::support::redact_url;
 use serde::Deserialize;
 
 use crate::error::{config_error, connection_error};
@@ -204,20 +205,6 @@ impl Default for NatsConfig {
             auth: Auth::None,
             customize: None,
         }
-    }
-}
-
-/// Hides the password of `user:password@host` URLs.
-fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    match rest.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{scheme}://{user}:<redacted>@{host}")
-        }
-        None => url.to_owned(),
     }
 }
 

@@ -6,17 +6,17 @@ mod publisher;
 mod subscriber;
 
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
 use async_trait::async_trait;
+use seambus::transport::support::{drain, Subscriptions};
 use seambus::transport::{
     Capabilities, Consumer, DeadLetter, DeliveryHandler, GroupId, ShutdownReport, SubscriptionSpec,
-    Transport, Unfinished,
+    Transport,
 };
 use seambus::{Envelope, Error, ErrorKind, Result};
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -56,69 +56,11 @@ pub(crate) struct Inner {
     closed: AtomicBool,
     /// Held shared by publishes and subscribes; shutdown takes it once.
     gate: tokio::sync::RwLock<()>,
-    runners: Mutex<Ledger>,
-    runners_changed: Notify,
+    pub(crate) subscriptions: Arc<Subscriptions>,
     max_payload: usize,
 }
 
-#[derive(Default)]
-struct Ledger {
-    active: usize,
-    unfinished: Vec<(GroupId, Envelope)>,
-}
-
-/// Counts a running subscription until it reports what it left.
-pub(crate) struct Running(Arc<Inner>);
-
-impl Running {
-    pub(crate) fn finish(self, abandoned: Vec<(GroupId, Envelope)>) {
-        self.0
-            .runners
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .unfinished
-            .extend(abandoned);
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.0
-            .runners
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .active -= 1;
-        self.0.runners_changed.notify_waiters();
-    }
-}
-
 impl Inner {
-    pub(crate) fn runner_started(self: &Arc<Self>) -> Running {
-        self.runners
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .active += 1;
-        Running(self.clone())
-    }
-
-    async fn runners_done(&self) {
-        loop {
-            let changed = self.runners_changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            if self
-                .runners
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .active
-                == 0
-            {
-                return;
-            }
-            changed.await;
-        }
-    }
-
     fn closed_error() -> Error {
         Error::new(ErrorKind::Closed, "the NATS transport is shut down")
     }
@@ -188,8 +130,7 @@ impl NatsTransport {
                 stop: CancellationToken::new(),
                 closed: AtomicBool::new(false),
                 gate: tokio::sync::RwLock::new(()),
-                runners: Mutex::default(),
-                runners_changed: Notify::new(),
+                subscriptions: Arc::default(),
                 max_payload,
             }),
         })
@@ -400,34 +341,16 @@ impl Transport for NatsTransport {
     async fn shutdown(&self, deadline: Duration) -> Result<ShutdownReport> {
         self.inner.closed.store(true, SeqCst);
         self.inner.closing.cancel();
-        let drained = tokio::time::timeout(deadline, async {
-            // Publishes in flight finish (confirmed or failed) ...
-            drop(self.inner.gate.write().await);
-            // ... and subscriptions finish their in-flight handlers.
-            self.inner.runners_done().await;
-        })
-        .await
-        .is_ok();
-        // Past the deadline: handlers still running give their events back.
-        self.inner.stop.cancel();
-        self.inner.runners_done().await;
+        let report = drain(
+            deadline,
+            &self.inner.gate,
+            &self.inner.subscriptions,
+            &self.inner.stop,
+        )
+        .await;
         if let Err(e) = self.inner.client.flush().await {
             tracing::warn!(error = %e, "flushing the NATS connection on shutdown failed");
         }
-        let unfinished: Vec<Unfinished> = std::mem::take(
-            &mut self
-                .inner
-                .runners
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .unfinished,
-        )
-        .into_iter()
-        .map(|(group, envelope)| Unfinished::new(group, envelope))
-        .collect();
-        let mut report = ShutdownReport::drained();
-        report.drained = drained && unfinished.is_empty();
-        report.unfinished = unfinished;
         Ok(report)
     }
 }

@@ -4,23 +4,21 @@
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::header::HeaderMap;
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::{self, AckKind};
-use async_trait::async_trait;
 use bytes::Bytes;
-use futures_util::{FutureExt, StreamExt};
+use futures_util::StreamExt;
 use seambus::transport::{
-    Consumer, DeadLetterReason, Delivery, DeliveryHandler, GroupId, Ordering, Outcome,
-    SubscriptionSpec,
+    support::{call_guarded, header_text, triage, TaskConsumer},
+    Consumer, DeadLetterReason, DeliveryHandler, GroupId, Ordering, Outcome, SubscriptionSpec,
+    Unfinished,
 };
-use seambus::{Envelope, Error, ErrorKind, Result};
-use tokio::sync::Mutex as AsyncMutex;
-use tokio::task::{JoinHandle, JoinSet};
+use seambus::{Envelope, Result};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::api_error;
@@ -119,32 +117,12 @@ pub(crate) async fn subscribe(
         spec,
         detach: detach.clone(),
     };
-    let running = inner.runner_started();
+    let running = inner.subscriptions.start();
     let task = tokio::spawn(async move {
         let abandoned = runner.run(consumer).await;
         running.finish(abandoned);
     });
-    Ok(Box::new(NatsConsumer {
-        detach,
-        task: AsyncMutex::new(Some(task)),
-    }))
-}
-
-struct NatsConsumer {
-    detach: CancellationToken,
-    task: AsyncMutex<Option<JoinHandle<()>>>,
-}
-
-#[async_trait]
-impl Consumer for NatsConsumer {
-    async fn close(&self) -> Result<()> {
-        self.detach.cancel();
-        if let Some(task) = self.task.lock().await.take() {
-            task.await
-                .map_err(|e| Error::new(ErrorKind::Other, format!("consumer task failed: {e}")))?;
-        }
-        Ok(())
-    }
+    Ok(Box::new(TaskConsumer::new(detach, task)))
 }
 
 struct Runner {
@@ -161,7 +139,7 @@ struct Runner {
 impl Runner {
     /// Reads the consumer until the subscription closes or the transport
     /// shuts down; returns the envelopes the deadline cut short.
-    async fn run(self, consumer: jetstream::consumer::PullConsumer) -> Vec<(GroupId, Envelope)> {
+    async fn run(self, consumer: jetstream::consumer::PullConsumer) -> Vec<Unfinished> {
         let this = Arc::new(self);
         let mut keys: HashMap<u64, KeyState> = HashMap::new();
         let mut ready: VecDeque<Held> = VecDeque::new();
@@ -261,7 +239,7 @@ impl Runner {
         }
         abandoned
             .into_iter()
-            .map(|envelope| (this.group.clone(), envelope))
+            .map(|envelope| Unfinished::new(this.group.clone(), envelope))
             .collect()
     }
 
@@ -366,29 +344,11 @@ impl Runner {
             releases_key: true,
             abandoned: None,
         };
-        let outcome = match &held.envelope {
-            Err(why) => Outcome::DeadLetter {
-                reason: DeadLetterReason::Undecodable,
-                error: format!("not a Seambus envelope: {why}"),
-            },
-            Ok(_) if held.attempt > max_attempts => Outcome::Retry {
-                error: format!(
-                    "delivered {} times, over the {max_attempts} allowed (a handler kept failing or the process kept dying)",
-                    held.attempt
-                ),
-            },
-            Ok(envelope) => {
-                let delivery = Delivery {
-                    envelope: envelope.clone(),
-                    attempt: held.attempt,
-                };
-                let call = AssertUnwindSafe(self.handler.handle(delivery))
-                    .catch_unwind()
-                    .map(|r| {
-                        r.unwrap_or_else(|_| Outcome::Retry {
-                            error: "delivery handler panicked".into(),
-                        })
-                    });
+        let outcome = match triage(&held.envelope, held.attempt, max_attempts) {
+            Err(outcome) => outcome,
+            Ok(delivery) => {
+                let envelope = delivery.envelope.clone();
+                let call = call_guarded(&*self.handler, delivery);
                 tokio::pin!(call);
                 let mut progress = tokio::time::interval(self.inner.config.ack_wait / 3);
                 progress.tick().await;
@@ -452,11 +412,7 @@ impl Runner {
             Err(_) => uuid::Uuid::now_v7(),
         };
         // Header values cannot hold line breaks.
-        let error_line: String = error
-            .chars()
-            .map(|c| if c.is_control() { ' ' } else { c })
-            .take(1024)
-            .collect();
+        let error_line = header_text(error);
         headers.insert(DL_REASON, reason.as_str());
         headers.insert(DL_ERROR, error_line.as_str());
         headers.insert(DL_ATTEMPTS, held.attempt.to_string());

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lapin::ConnectionProperties;
+use seambus::transport::support::redact_url;
 use serde::Deserialize;
 
 use crate::error::config_error;
@@ -107,24 +108,10 @@ impl Default for RabbitMqConfig {
     }
 }
 
-/// The URI with its password hidden.
-pub(crate) fn redact_uri(uri: &str) -> String {
-    let Some((scheme, rest)) = uri.split_once("://") else {
-        return uri.to_owned();
-    };
-    match rest.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{scheme}://{user}:<redacted>@{host}")
-        }
-        None => uri.to_owned(),
-    }
-}
-
 impl fmt::Debug for RabbitMqConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RabbitMqConfig")
-            .field("uri", &redact_uri(&self.uri))
+            .field("uri", &redact_url(&self.uri))
             .field("exchange", &self.exchange)
             .field("queue_type", &self.queue_type)
             .field("prefetch", &self.prefetch)
@@ -203,7 +190,7 @@ impl RabbitMqConfig {
         if !(self.uri.starts_with("amqp://") || self.uri.starts_with("amqps://")) {
             return Err(config_error(format!(
                 "URI {} must start with amqp:// or amqps://",
-                redact_uri(&self.uri)
+                redact_url(&self.uri)
             )));
         }
         if self.exchange.is_empty()

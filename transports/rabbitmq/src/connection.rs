@@ -15,7 +15,9 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{redact_uri, QueueType, RabbitMqConfig};
+use seambus::transport::support::redact_url;
+
+use crate::config::{QueueType, RabbitMqConfig};
 use crate::error::{amqp_error, connection_error};
 
 /// Keeps one live connection and the publishing channel.
@@ -52,7 +54,7 @@ impl Connector {
             Connection::connect(uri, self.config.properties()).await
         };
         result
-            .map_err(|e| connection_error(format!("cannot connect to {}: {e}", redact_uri(uri)), e))
+            .map_err(|e| connection_error(format!("cannot connect to {}: {e}", redact_url(uri)), e))
     }
 
     /// A live connection: the current one, or a new one, trying with
@@ -69,7 +71,7 @@ impl Connector {
                     Ok(c) => {
                         let c = Arc::new(c);
                         *current = Some(c.clone());
-                        tracing::info!(uri = %redact_uri(&self.config.uri), "connected to RabbitMQ");
+                        tracing::info!(uri = %redact_url(&self.config.uri), "connected to RabbitMQ");
                         return Ok(c);
                     }
                     Err(e) => e,

@@ -14,12 +14,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use lapin::options::{BasicAckOptions, BasicGetOptions, ExchangeDeleteOptions, QueueDeleteOptions};
 use lapin::types::AMQPValue;
+use seambus::transport::support::{drain, Subscriptions};
 use seambus::transport::{
     Capabilities, Consumer, DeadLetter, DeadLetterReason, DeliveryHandler, GroupId, ShutdownReport,
-    SubscriptionSpec, Transport, Unfinished,
+    SubscriptionSpec, Transport,
 };
 use seambus::{Attributes, Envelope, Error, ErrorKind, Result};
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -54,55 +54,13 @@ pub(crate) struct Inner {
     pub(crate) stop: CancellationToken,
     closed: AtomicBool,
     gate: tokio::sync::RwLock<()>,
-    runners: Mutex<Ledger>,
-    runners_changed: Notify,
+    pub(crate) subscriptions: Arc<Subscriptions>,
     /// Queues declared by this transport, for [`RabbitMqTransport::delete_topology`].
     declared: Mutex<BTreeSet<String>>,
 }
 
-#[derive(Default)]
-struct Ledger {
-    active: usize,
-    unfinished: Vec<(GroupId, Envelope)>,
-}
-
-/// Counts a running subscription until it reports what it left.
-pub(crate) struct Running(Arc<Inner>);
-
-impl Running {
-    pub(crate) fn finish(self, abandoned: Vec<(GroupId, Envelope)>) {
-        lock(&self.0.runners).unfinished.extend(abandoned);
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        lock(&self.0.runners).active -= 1;
-        self.0.runners_changed.notify_waiters();
-    }
-}
-
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-impl Inner {
-    pub(crate) fn runner_started(self: &Arc<Self>) -> Running {
-        lock(&self.runners).active += 1;
-        Running(self.clone())
-    }
-
-    async fn runners_done(&self) {
-        loop {
-            let changed = self.runners_changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            if lock(&self.runners).active == 0 {
-                return;
-            }
-            changed.await;
-        }
-    }
 }
 
 impl RabbitMqTransport {
@@ -123,8 +81,7 @@ impl RabbitMqTransport {
                 stop: CancellationToken::new(),
                 closed: AtomicBool::new(false),
                 gate: tokio::sync::RwLock::new(()),
-                runners: Mutex::default(),
-                runners_changed: Notify::new(),
+                subscriptions: Arc::default(),
                 declared: Mutex::default(),
             }),
         })
@@ -374,22 +331,14 @@ impl Transport for RabbitMqTransport {
     async fn shutdown(&self, deadline: Duration) -> Result<ShutdownReport> {
         self.inner.closed.store(true, SeqCst);
         self.inner.closing.cancel();
-        let drained = tokio::time::timeout(deadline, async {
-            drop(self.inner.gate.write().await);
-            self.inner.runners_done().await;
-        })
-        .await
-        .is_ok();
-        self.inner.stop.cancel();
-        self.inner.runners_done().await;
+        let report = drain(
+            deadline,
+            &self.inner.gate,
+            &self.inner.subscriptions,
+            &self.inner.stop,
+        )
+        .await;
         self.inner.connector.close().await;
-        let unfinished: Vec<Unfinished> = std::mem::take(&mut lock(&self.inner.runners).unfinished)
-            .into_iter()
-            .map(|(group, envelope)| Unfinished::new(group, envelope))
-            .collect();
-        let mut report = ShutdownReport::drained();
-        report.drained = drained && unfinished.is_empty();
-        report.unfinished = unfinished;
         Ok(report)
     }
 }

@@ -5,12 +5,10 @@
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use futures_util::{FutureExt, StreamExt};
+use futures_util::StreamExt;
 use lapin::message::Delivery as AmqpDelivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
@@ -18,12 +16,12 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::BasicProperties;
 use seambus::transport::{
-    Consumer, DeadLetterReason, Delivery, DeliveryHandler, GroupId, Ordering, Outcome,
-    SubscriptionSpec,
+    support::{call_guarded, header_text, triage, TaskConsumer},
+    Consumer, DeadLetterReason, DeliveryHandler, GroupId, Ordering, Outcome, SubscriptionSpec,
+    Unfinished,
 };
-use seambus::{Envelope, Error, ErrorKind, Result};
-use tokio::sync::Mutex as AsyncMutex;
-use tokio::task::{JoinHandle, JoinSet};
+use seambus::{Envelope, Result};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::connection::{dead_letter_exchange, declare_group, GroupQueues};
@@ -91,32 +89,12 @@ pub(crate) async fn subscribe(
         spec,
         detach: detach.clone(),
     });
-    let running = inner.runner_started();
+    let running = inner.subscriptions.start();
     let task = tokio::spawn(async move {
         let abandoned = runner.run().await;
         running.finish(abandoned);
     });
-    Ok(Box::new(RabbitConsumer {
-        detach,
-        task: AsyncMutex::new(Some(task)),
-    }))
-}
-
-struct RabbitConsumer {
-    detach: CancellationToken,
-    task: AsyncMutex<Option<JoinHandle<()>>>,
-}
-
-#[async_trait]
-impl Consumer for RabbitConsumer {
-    async fn close(&self) -> Result<()> {
-        self.detach.cancel();
-        if let Some(task) = self.task.lock().await.take() {
-            task.await
-                .map_err(|e| Error::new(ErrorKind::Other, format!("consumer task failed: {e}")))?;
-        }
-        Ok(())
-    }
+    Ok(Box::new(TaskConsumer::new(detach, task)))
 }
 
 struct Runner {
@@ -147,7 +125,7 @@ impl Runner {
         }
     }
 
-    async fn run(self: Arc<Self>) -> Vec<(GroupId, Envelope)> {
+    async fn run(self: Arc<Self>) -> Vec<Unfinished> {
         let mut running: JoinSet<Done> = JoinSet::new();
         let mut abandoned = Vec::new();
         let mut generation = 0;
@@ -176,7 +154,7 @@ impl Runner {
         }
         abandoned
             .into_iter()
-            .map(|envelope| (self.group.clone(), envelope))
+            .map(|envelope| Unfinished::new(self.group.clone(), envelope))
             .collect()
     }
 
@@ -337,35 +315,17 @@ impl Runner {
             generation: held.generation,
             settled,
         };
-        let outcome = match &held.envelope {
-            Err(why) => Outcome::DeadLetter {
-                reason: DeadLetterReason::Undecodable,
-                error: format!("not a Seambus envelope: {why}"),
-            },
-            Ok(_) if held.attempt > max_attempts => Outcome::Retry {
-                error: format!(
-                    "delivered {} times, over the {max_attempts} allowed",
-                    held.attempt
-                ),
-            },
-            Ok(envelope) => {
-                let delivery = Delivery {
-                    envelope: envelope.clone(),
-                    attempt: held.attempt,
-                };
-                let call = AssertUnwindSafe(self.handler.handle(delivery))
-                    .catch_unwind()
-                    .map(|r| {
-                        r.unwrap_or_else(|_| Outcome::Retry {
-                            error: "delivery handler panicked".into(),
-                        })
-                    });
+        let outcome = match triage(&held.envelope, held.attempt, max_attempts) {
+            Err(outcome) => outcome,
+            Ok(delivery) => {
+                let envelope = delivery.envelope.clone();
+                let call = call_guarded(&*self.handler, delivery);
                 tokio::select! {
                     biased;
                     _ = self.inner.stop.cancelled() => {
                         // Deadline passed: not a failure; the channel's close
                         // returns it to the queue.
-                        return done(Settled::Abandoned(envelope.clone()));
+                        return done(Settled::Abandoned(envelope));
                     }
                     outcome = call => outcome,
                 }
@@ -471,11 +431,7 @@ impl Runner {
     /// Publishes the event with reason headers to the group's dead-letter
     /// queue (through the dead-letter exchange), confirmed, then acks it.
     async fn dead_letter(&self, held: &Held, reason: DeadLetterReason, error: &str) {
-        let error_line: String = error
-            .chars()
-            .map(|c| if c.is_control() { ' ' } else { c })
-            .take(1024)
-            .collect();
+        let error_line = header_text(error);
         let id = match &held.envelope {
             Ok(env) => env.id(),
             Err(_) => uuid::Uuid::now_v7(),
