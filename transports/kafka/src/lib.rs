@@ -1,0 +1,423 @@
+#![doc = include_str!("../README.md")]
+
+mod config;
+mod error;
+mod publisher;
+mod subscriber;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, Producer as _};
+use rdkafka::{Offset, TopicPartitionList};
+use seambus::transport::support::{drain, Subscriptions};
+use seambus::transport::{
+    Capabilities, Consumer, DeadLetter, DeadLetterReason, DeliveryHandler, GroupId, ShutdownReport,
+    SubscriptionSpec, Transport,
+};
+use seambus::{Attributes, Envelope, Error, ErrorKind, Result};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+pub use config::{KafkaConfig, Security};
+
+use crate::error::kafka_error;
+use crate::publisher::{envelope_of, header_pairs, headers_of, send, Topics};
+use crate::subscriber::{DL_PREFIX, REDRIVE_GROUP};
+
+/// Header of a marker record in a dead-letter topic: the dead letter with
+/// this id was redriven.
+const REDRIVEN: &str = "seambus-redriven-id";
+
+/// A [`Transport`] over Kafka (any broker that speaks the Kafka protocol).
+/// See the crate docs for the mapping.
+#[derive(Clone)]
+pub struct KafkaTransport {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for KafkaTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaTransport")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) struct Inner {
+    pub(crate) config: KafkaConfig,
+    pub(crate) producer: FutureProducer,
+    pub(crate) topics: Topics,
+    pub(crate) closing: CancellationToken,
+    pub(crate) stop: CancellationToken,
+    closed: AtomicBool,
+    gate: tokio::sync::RwLock<()>,
+    pub(crate) subscriptions: Arc<Subscriptions>,
+}
+
+impl KafkaTransport {
+    /// Creates the clients and checks that the cluster answers (within
+    /// `publish_timeout`).
+    pub async fn connect(config: KafkaConfig) -> Result<Self> {
+        config.validate()?;
+        let mut producer = config.client_config();
+        producer
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .set(
+                "message.timeout.ms",
+                config.publish_timeout.as_millis().max(1).to_string(),
+            )
+            .set("message.max.bytes", config.message_max_bytes.to_string());
+        let producer: FutureProducer = config
+            .finish(producer)
+            .create()
+            .map_err(|e| kafka_error("create producer", e))?;
+        let probe = producer.clone();
+        let timeout = config.publish_timeout.min(Duration::from_secs(10));
+        tokio::task::spawn_blocking(move || probe.client().fetch_metadata(None, timeout))
+            .await
+            .map_err(|e| Error::new(ErrorKind::Other, format!("metadata task: {e}")))?
+            .map_err(|e| {
+                kafka_error(
+                    &format!("no Kafka cluster answers at {}", config.bootstrap_servers),
+                    e,
+                )
+            })?;
+        let topics = Topics::new(&config)?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                producer,
+                topics,
+                closing: CancellationToken::new(),
+                stop: CancellationToken::new(),
+                closed: AtomicBool::new(false),
+                gate: tokio::sync::RwLock::new(()),
+                subscriptions: Arc::default(),
+            }),
+        })
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &KafkaConfig {
+        &self.inner.config
+    }
+
+    /// The producer, for anything this crate does not cover.
+    pub fn producer(&self) -> &FutureProducer {
+        &self.inner.producer
+    }
+
+    /// Deletes topics (by name). For tests and tear-down.
+    pub async fn delete_topics(&self, topics: &[&str]) -> Result<()> {
+        self.inner
+            .topics
+            .admin()
+            .delete_topics(topics, &rdkafka::admin::AdminOptions::new())
+            .await
+            .map_err(|e| kafka_error("delete topics", e))?;
+        Ok(())
+    }
+
+    /// Every record of the group's dead-letter topic, oldest first.
+    async fn read_dead_letter_topic(&self, group: &GroupId) -> Result<Vec<OwnedMessage>> {
+        let topic = self.inner.config.dead_letter_topic(group);
+        self.inner.topics.ensure(&topic).await?;
+        let mut client = self.inner.config.client_config();
+        client
+            .set(
+                "group.id",
+                format!("seambus-dl-reader-{}", Uuid::now_v7().simple()),
+            )
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "false");
+        let reader: BaseConsumer = self
+            .inner
+            .config
+            .finish(client)
+            .create()
+            .map_err(|e| kafka_error("create dead-letter reader", e))?;
+        let timeout = self.inner.config.publish_timeout;
+        tokio::task::spawn_blocking(move || read_all(&reader, &topic, timeout))
+            .await
+            .map_err(|e| Error::new(ErrorKind::Other, format!("dead-letter reader task: {e}")))?
+    }
+
+    /// The group's dead letters not yet redriven, with their records.
+    async fn pending_dead_letters(
+        &self,
+        group: &GroupId,
+    ) -> Result<Vec<(DeadLetter, OwnedMessage)>> {
+        let records = self.read_dead_letter_topic(group).await?;
+        let redriven: HashSet<String> = records
+            .iter()
+            .filter_map(|r| {
+                header_pairs(r.headers())
+                    .into_iter()
+                    .find(|(k, _)| k == REDRIVEN)
+                    .map(|(_, v)| v)
+            })
+            .collect();
+        Ok(records
+            .into_iter()
+            .filter_map(|record| {
+                let pairs = header_pairs(record.headers());
+                if pairs.iter().any(|(k, _)| k == REDRIVEN) {
+                    return None;
+                }
+                let dl = dead_letter_of(group, &pairs, record.payload().unwrap_or_default());
+                (!redriven.contains(&dl.envelope.id().to_string())).then_some((dl, record))
+            })
+            .collect())
+    }
+}
+
+/// Reads a topic from its start to its current end.
+fn read_all(reader: &BaseConsumer, topic: &str, timeout: Duration) -> Result<Vec<OwnedMessage>> {
+    let metadata = reader
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|e| kafka_error(&format!("metadata of {topic}"), e))?;
+    let mut ends = std::collections::HashMap::new();
+    let mut assignment = TopicPartitionList::new();
+    for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
+        let (low, high) = reader
+            .fetch_watermarks(topic, partition.id(), timeout)
+            .map_err(|e| kafka_error(&format!("watermarks of {topic}"), e))?;
+        if high > low {
+            ends.insert(partition.id(), high);
+            assignment
+                .add_partition_offset(topic, partition.id(), Offset::Offset(low))
+                .map_err(|e| kafka_error("assign", e))?;
+        }
+    }
+    let mut out = Vec::new();
+    if ends.is_empty() {
+        return Ok(out);
+    }
+    reader
+        .assign(&assignment)
+        .map_err(|e| kafka_error(&format!("assign {topic}"), e))?;
+    let deadline = std::time::Instant::now() + timeout;
+    while !ends.is_empty() {
+        if std::time::Instant::now() > deadline {
+            return Err(Error::new(
+                ErrorKind::Timeout,
+                format!("reading {topic} did not finish within {timeout:?}"),
+            ));
+        }
+        match reader.poll(Duration::from_millis(200)) {
+            Some(Ok(message)) => {
+                let (partition, offset) = (message.partition(), message.offset());
+                out.push(message.detach());
+                if ends.get(&partition).is_some_and(|&end| offset + 1 >= end) {
+                    ends.remove(&partition);
+                }
+            }
+            Some(Err(e)) => return Err(kafka_error(&format!("read {topic}"), e)),
+            None => {}
+        }
+    }
+    Ok(out)
+}
+
+fn dead_letter_of(group: &GroupId, pairs: &[(String, String)], payload: &[u8]) -> DeadLetter {
+    let get = |name: &str| {
+        pairs
+            .iter()
+            .find(|(k, _)| k.strip_prefix(DL_PREFIX) == Some(name))
+            .map(|(_, v)| v.clone())
+    };
+    let envelope = envelope_of(pairs, payload).unwrap_or_else(|_| {
+        let mut attrs = Attributes::new("unknown", get("topic").unwrap_or_default(), 0);
+        if let Some(id) = get("id").and_then(|s| s.parse().ok()) {
+            attrs.id = id;
+        }
+        Envelope::from_bytes(attrs, payload.to_vec())
+    });
+    let reason = get("reason")
+        .and_then(|r| DeadLetterReason::parse(&r))
+        .unwrap_or(DeadLetterReason::Undecodable);
+    let mut dl = DeadLetter::new(
+        envelope,
+        group.clone(),
+        reason,
+        get("error").unwrap_or_default(),
+        get("attempts").and_then(|a| a.parse().ok()).unwrap_or(0),
+    );
+    if let Some(time) = get("time").and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok()) {
+        dl.time = time.with_timezone(&chrono::Utc);
+    }
+    dl
+}
+
+#[async_trait]
+impl Transport for KafkaTransport {
+    fn name(&self) -> &str {
+        "kafka"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let mut caps = Capabilities::none();
+        caps.persistent = true;
+        caps.consumer_groups = true;
+        caps.per_key_order = true;
+        caps.max_payload = Some(self.inner.config.message_max_bytes);
+        caps.dead_letter_store = true;
+        caps.duplicates = true;
+        caps
+    }
+
+    async fn publish(&self, envelope: Envelope) -> Result<()> {
+        let _open = self.inner.gate.read().await;
+        if self.inner.closed.load(SeqCst) {
+            return Err(Error::new(
+                ErrorKind::Closed,
+                "the Kafka transport is shut down",
+            ));
+        }
+        let attrs = envelope.attributes();
+        attrs.validate()?;
+        seambus::validate_name(&attrs.event_type)?;
+        let payload = envelope.payload_bytes().ok_or_else(|| {
+            Error::new(
+                ErrorKind::Encode,
+                "the Kafka transport carries encoded payloads; publish through a Bus",
+            )
+        })?;
+        let headers = headers_of(attrs);
+        let header_bytes: usize = header_pairs(Some(&headers))
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 8)
+            .sum();
+        let size =
+            payload.len() + header_bytes + attrs.partition_key.as_ref().map_or(0, String::len);
+        if size > self.inner.config.message_max_bytes {
+            return Err(Error::new(
+                ErrorKind::PayloadTooLarge,
+                format!(
+                    "record of {size} bytes is over message.max.bytes ({})",
+                    self.inner.config.message_max_bytes
+                ),
+            ));
+        }
+        let topic = self.inner.config.topic(&attrs.event_type);
+        self.inner.topics.ensure(&topic).await?;
+        send(
+            &self.inner.producer,
+            &topic,
+            attrs.partition_key.as_deref().map(str::as_bytes),
+            payload,
+            headers,
+            self.inner.config.publish_timeout,
+        )
+        .await
+    }
+
+    async fn subscribe(
+        &self,
+        spec: SubscriptionSpec,
+        handler: Arc<dyn DeliveryHandler>,
+    ) -> Result<Box<dyn Consumer>> {
+        let _open = self.inner.gate.read().await;
+        if self.inner.closed.load(SeqCst) {
+            return Err(Error::new(
+                ErrorKind::Closed,
+                "the Kafka transport is shut down",
+            ));
+        }
+        if spec.concurrency == 0 {
+            return Err(crate::error::config_error("concurrency must be at least 1"));
+        }
+        subscriber::subscribe(&self.inner, spec, handler).await
+    }
+
+    async fn dead_letters(&self, group: &GroupId) -> Result<Vec<DeadLetter>> {
+        Ok(self
+            .pending_dead_letters(group)
+            .await?
+            .into_iter()
+            .map(|(dl, _)| dl)
+            .collect())
+    }
+
+    async fn redrive(&self, group: &GroupId, ids: Option<&[Uuid]>) -> Result<usize> {
+        let dead_topic = self.inner.config.dead_letter_topic(group);
+        let group_id = self.inner.config.group_id(group);
+        let timeout = self.inner.config.publish_timeout;
+        let mut n = 0;
+        for (dl, record) in self.pending_dead_letters(group).await? {
+            let id = dl.envelope.id();
+            if ids.is_some_and(|ids| !ids.contains(&id)) {
+                continue;
+            }
+            let pairs = header_pairs(record.headers());
+            let Some((_, topic)) = pairs
+                .iter()
+                .find(|(k, _)| k == &format!("{DL_PREFIX}topic"))
+            else {
+                continue;
+            };
+            // Back to its topic for this group only, then marked redriven.
+            let mut headers = OwnedHeaders::new();
+            for (k, v) in pairs.iter().filter(|(k, _)| !k.starts_with(DL_PREFIX)) {
+                headers = headers.insert(Header {
+                    key: k,
+                    value: Some(v.as_bytes()),
+                });
+            }
+            headers = headers.insert(Header {
+                key: REDRIVE_GROUP,
+                value: Some(group_id.as_bytes()),
+            });
+            send(
+                &self.inner.producer,
+                topic,
+                record.key(),
+                record.payload().unwrap_or_default(),
+                headers,
+                timeout,
+            )
+            .await?;
+            let marker = OwnedHeaders::new().insert(Header {
+                key: REDRIVEN,
+                value: Some(id.to_string().as_bytes()),
+            });
+            send(
+                &self.inner.producer,
+                &dead_topic,
+                None,
+                &[],
+                marker,
+                timeout,
+            )
+            .await?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    async fn shutdown(&self, deadline: Duration) -> Result<ShutdownReport> {
+        self.inner.closed.store(true, SeqCst);
+        self.inner.closing.cancel();
+        let report = drain(
+            deadline,
+            &self.inner.gate,
+            &self.inner.subscriptions,
+            &self.inner.stop,
+        )
+        .await;
+        let producer = self.inner.producer.clone();
+        let flushed = tokio::task::spawn_blocking(move || producer.flush(deadline)).await;
+        if let Ok(Err(e)) = flushed {
+            tracing::warn!(error = %e, "flushing the Kafka producer on shutdown failed");
+        }
+        Ok(report)
+    }
+}

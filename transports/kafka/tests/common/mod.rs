@@ -1,0 +1,132 @@
+//! The test harness: a real Kafka-protocol broker, fresh topics and groups
+//! per case.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::net::{TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use rdkafka::producer::Producer as _;
+use seambus::conformance::Harness;
+use seambus::transport::Transport;
+use seambus_kafka::{KafkaConfig, KafkaTransport};
+
+pub const LOCAL: &str = "127.0.0.1:9092";
+
+/// The brokers under test (`SEAMBUS_TEST_KAFKA_BROKERS`, default loopback).
+pub fn brokers() -> String {
+    std::env::var("SEAMBUS_TEST_KAFKA_BROKERS").unwrap_or_else(|_| LOCAL.to_owned())
+}
+
+pub fn config(namespace: &str) -> KafkaConfig {
+    KafkaConfig::default()
+        .with_bootstrap_servers(brokers())
+        .with_topic_prefix(format!("t-{namespace}"))
+        .with_group_prefix(format!("t-{namespace}"))
+        .with_publish_timeout(Duration::from_secs(60))
+}
+
+pub fn unreachable() -> Option<String> {
+    let brokers = brokers();
+    let first = brokers
+        .split(',')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    let addr = first.to_socket_addrs().ok().and_then(|mut a| a.next());
+    match addr {
+        Some(addr) if TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_ok() => None,
+        _ => Some(format!("no Kafka broker answers at {brokers}")),
+    }
+}
+
+pub async fn transport(namespace: &str) -> KafkaTransport {
+    KafkaTransport::connect(config(namespace))
+        .await
+        .expect("connect to Kafka")
+}
+
+fn broker_script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/kafka-broker")
+}
+
+/// `scripts/kafka-broker <action>` (the local tansu the test suite runs).
+pub fn broker(action: &str) {
+    let status = std::process::Command::new(broker_script())
+        .arg(action)
+        .status()
+        .expect("run scripts/kafka-broker");
+    assert!(status.success(), "scripts/kafka-broker {action}: {status}");
+}
+
+pub struct Kafka {
+    pub restart: bool,
+}
+
+#[async_trait::async_trait]
+impl Harness for Kafka {
+    async fn transport(&self, namespace: &str) -> Arc<dyn Transport> {
+        Arc::new(transport(namespace).await)
+    }
+
+    async fn cleanup(&self, namespace: &str) {
+        cleanup(namespace).await
+    }
+
+    fn unavailable(&self) -> Option<String> {
+        unreachable()
+    }
+
+    fn restart_broker(&self) -> Option<BoxFuture<'static, ()>> {
+        (self.restart && brokers() == LOCAL).then(|| {
+            Box::pin(async {
+                tokio::task::spawn_blocking(|| broker("restart"))
+                    .await
+                    .expect("restart task");
+            }) as BoxFuture<'static, ()>
+        })
+    }
+}
+
+/// Starts the local broker again when dropped, if a test left it stopped.
+pub struct RestoreBroker;
+
+impl Drop for RestoreBroker {
+    fn drop(&mut self) {
+        if brokers() == LOCAL && unreachable().is_some() {
+            broker("start");
+        }
+    }
+}
+
+/// Deletes the namespace's topics (best effort: a broker may refuse).
+pub async fn cleanup(namespace: &str) {
+    let Ok(t) = KafkaTransport::connect(config(namespace)).await else {
+        return;
+    };
+    let client = t.producer().clone();
+    let prefix = format!("t-{namespace}.");
+    let names = tokio::task::spawn_blocking(move || {
+        client
+            .client()
+            .fetch_metadata(None, Duration::from_secs(10))
+            .map(|m| {
+                m.topics()
+                    .iter()
+                    .map(|t| t.name().to_owned())
+                    .filter(|n| n.starts_with(&prefix))
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+    })
+    .await
+    .unwrap_or_default();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    if !names.is_empty() {
+        let _ = t.delete_topics(&names).await;
+    }
+}
