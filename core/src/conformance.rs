@@ -1331,11 +1331,23 @@ pub async fn run_all(h: &dyn Harness) {
 ///
 /// ```ignore
 /// seambus::conformance_tests!(MyHarness::new());
+/// // one case at a time (for brokers that cannot take parallel clients):
+/// seambus::conformance_tests!(serial: MyHarness::new());
 /// ```
 #[macro_export]
 macro_rules! conformance_tests {
+    (serial: $harness:expr) => {
+        static SERIAL: ::std::sync::Mutex<()> = ::std::sync::Mutex::new(());
+        // The guard lives for the whole test: one case at a time.
+        $crate::conformance_tests!(@all {
+            ::std::option::Option::Some(SERIAL.lock().unwrap_or_else(|e| e.into_inner()))
+        } $harness);
+    };
     ($harness:expr) => {
-        $crate::conformance_tests!(@cases $harness;
+        $crate::conformance_tests!(@all { ::std::option::Option::<()>::None } $harness);
+    };
+    (@all $guard:block $harness:expr) => {
+        $crate::conformance_tests!(@cases $guard $harness;
             c01_envelope_intact => envelope_intact,
             c02_many_publishers_and_subscribers => many_publishers_and_subscribers,
             c03_topics_isolated => topics_isolated,
@@ -1353,6 +1365,7 @@ macro_rules! conformance_tests {
         );
         #[test]
         fn c15_broker_restart() {
+            let _guard = $guard;
             $crate::conformance::block_on(async {
                 let harness = $harness;
                 if !$crate::conformance::broker_ready(&harness) {
@@ -1365,10 +1378,11 @@ macro_rules! conformance_tests {
             });
         }
     };
-    (@cases $harness:expr; $($test:ident => $case:ident,)*) => {
+    (@cases $guard:block $harness:expr; $($test:ident => $case:ident,)*) => {
         $(
             #[test]
             fn $test() {
+                let _guard = $guard;
                 $crate::conformance::block_on(async {
                     let harness = $harness;
                     if $crate::conformance::broker_ready(&harness) {

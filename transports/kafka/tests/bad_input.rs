@@ -49,6 +49,7 @@ fn a_foreign_record_is_dead_lettered_with_the_reason_and_consumption_goes_on() {
     if !ready() {
         return;
     }
+    let _serial = common::one_at_a_time();
     block_on(async {
         let ns = seambus::conformance::namespace("foreign");
         let transport = common::transport(&ns).await;
@@ -102,6 +103,7 @@ fn oversized_payloads_and_forged_headers_are_refused_before_sending() {
     if !ready() {
         return;
     }
+    let _serial = common::one_at_a_time();
     block_on(async {
         let ns = seambus::conformance::namespace("limits");
         let transport = Arc::new(

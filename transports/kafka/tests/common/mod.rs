@@ -130,3 +130,10 @@ pub async fn cleanup(namespace: &str) {
         let _ = t.delete_topics(&names).await;
     }
 }
+
+/// Tests of one binary that talk to the broker take this lock, one at a
+/// time (see `tests/conformance.rs` for why tansu needs it).
+pub fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
