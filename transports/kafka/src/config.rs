@@ -90,6 +90,10 @@ pub struct KafkaConfig {
     pub message_max_bytes: usize,
     /// Where a new group starts (`auto.offset.reset`). Default `earliest`.
     pub auto_offset_reset: String,
+    /// `enable.idempotence` on the producer (retried sends are written
+    /// once). Default true; turn it off only for a broker that mishandles
+    /// idempotent producers.
+    pub idempotence: bool,
     /// Security settings.
     pub security: Security,
     /// Any other librdkafka property, applied last (for producer, consumer
@@ -110,6 +114,7 @@ impl Default for KafkaConfig {
             publish_timeout: Duration::from_secs(30),
             message_max_bytes: 1_000_000,
             auto_offset_reset: "earliest".into(),
+            idempotence: true,
             security: Security::default(),
             librdkafka: BTreeMap::new(),
         }
@@ -155,6 +160,7 @@ impl fmt::Debug for KafkaConfig {
             .field("publish_timeout", &self.publish_timeout)
             .field("message_max_bytes", &self.message_max_bytes)
             .field("auto_offset_reset", &self.auto_offset_reset)
+            .field("idempotence", &self.idempotence)
             .field("security", &self.security)
             .field("librdkafka", &raw)
             .finish()
@@ -195,6 +201,12 @@ impl KafkaConfig {
     /// Sets the largest record.
     pub fn with_message_max_bytes(mut self, bytes: usize) -> Self {
         self.message_max_bytes = bytes;
+        self
+    }
+
+    /// Turns the idempotent producer on or off.
+    pub fn with_idempotence(mut self, on: bool) -> Self {
+        self.idempotence = on;
         self
     }
 

@@ -67,7 +67,7 @@ impl KafkaTransport {
         config.validate()?;
         let mut producer = config.client_config();
         producer
-            .set("enable.idempotence", "true")
+            .set("enable.idempotence", config.idempotence.to_string())
             .set("acks", "all")
             .set("linger.ms", "5")
             .set(
