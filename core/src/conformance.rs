@@ -293,8 +293,8 @@ fn skip(case: &str, why: &str) {
     eprintln!("conformance: skipping {case}: {why}");
 }
 
-/// A handler that records every id in `tally`.
-fn record_into<E: crate::Event>(
+/// A handler that records the id of every event it handles in `tally`.
+pub fn record_into<E: crate::Event>(
     tally: &Arc<Tally>,
 ) -> impl Fn(Received<E>, Context) -> BoxFuture<'static, Result<(), HandlerError>> + Send + Sync + 'static
 {

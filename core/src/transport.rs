@@ -631,6 +631,41 @@ pub mod support {
         }
     }
 
+    /// A dead letter read back from a broker: `get(name)` returns the
+    /// transport's dead-letter header `name` (`reason`, `error`,
+    /// `attempts`, `time`, `id`, and `origin`, where the event was
+    /// published). A stored message that is not an envelope is described
+    /// by those headers, with version 0 and its origin as event type.
+    pub fn dead_letter_from(
+        group: &super::GroupId,
+        envelope: std::result::Result<super::Envelope, crate::Error>,
+        payload: &[u8],
+        get: impl Fn(&str) -> Option<String>,
+    ) -> super::DeadLetter {
+        let envelope = envelope.unwrap_or_else(|_| {
+            let mut attrs = crate::Attributes::new("unknown", get("origin").unwrap_or_default(), 0);
+            if let Some(id) = get("id").and_then(|s| s.parse().ok()) {
+                attrs.id = id;
+            }
+            super::Envelope::from_bytes(attrs, payload.to_vec())
+        });
+        let reason = get("reason")
+            .and_then(|r| super::DeadLetterReason::parse(&r))
+            .unwrap_or(super::DeadLetterReason::Undecodable);
+        let mut dl = super::DeadLetter::new(
+            envelope,
+            group.clone(),
+            reason,
+            get("error").unwrap_or_else(|| "dead-lettered by the broker".into()),
+            get("attempts").and_then(|a| a.parse().ok()).unwrap_or(0),
+        );
+        if let Some(time) = get("time").and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok())
+        {
+            dl.time = time.with_timezone(&chrono::Utc);
+        }
+        dl
+    }
+
     /// Error text fit for a message header: control characters (CR, LF)
     /// become spaces, at most 1024 characters.
     pub fn header_text(text: &str) -> String {

@@ -15,12 +15,12 @@ use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, Producer as _};
 use rdkafka::{Offset, TopicPartitionList};
-use seambus::transport::support::{drain, Subscriptions};
+use seambus::transport::support::{dead_letter_from, drain, Subscriptions};
 use seambus::transport::{
-    Capabilities, Consumer, DeadLetter, DeadLetterReason, DeliveryHandler, GroupId, ShutdownReport,
-    SubscriptionSpec, Transport,
+    Capabilities, Consumer, DeadLetter, DeliveryHandler, GroupId, ShutdownReport, SubscriptionSpec,
+    Transport,
 };
-use seambus::{Attributes, Envelope, Error, ErrorKind, Result};
+use seambus::{Envelope, Error, ErrorKind, Result};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -228,33 +228,13 @@ fn read_all(reader: &BaseConsumer, topic: &str, timeout: Duration) -> Result<Vec
 }
 
 fn dead_letter_of(group: &GroupId, pairs: &[(String, String)], payload: &[u8]) -> DeadLetter {
-    let get = |name: &str| {
+    dead_letter_from(group, envelope_of(pairs, payload), payload, |name| {
+        let name = if name == "origin" { "topic" } else { name };
         pairs
             .iter()
             .find(|(k, _)| k.strip_prefix(DL_PREFIX) == Some(name))
             .map(|(_, v)| v.clone())
-    };
-    let envelope = envelope_of(pairs, payload).unwrap_or_else(|_| {
-        let mut attrs = Attributes::new("unknown", get("topic").unwrap_or_default(), 0);
-        if let Some(id) = get("id").and_then(|s| s.parse().ok()) {
-            attrs.id = id;
-        }
-        Envelope::from_bytes(attrs, payload.to_vec())
-    });
-    let reason = get("reason")
-        .and_then(|r| DeadLetterReason::parse(&r))
-        .unwrap_or(DeadLetterReason::Undecodable);
-    let mut dl = DeadLetter::new(
-        envelope,
-        group.clone(),
-        reason,
-        get("error").unwrap_or_default(),
-        get("attempts").and_then(|a| a.parse().ok()).unwrap_or(0),
-    );
-    if let Some(time) = get("time").and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok()) {
-        dl.time = time.with_timezone(&chrono::Utc);
-    }
-    dl
+    })
 }
 
 #[async_trait]

@@ -10,7 +10,7 @@ use std::time::Duration;
 use rdkafka::producer::FutureRecord;
 use seambus::conformance::{block_on, broker_ready, poll_until, Harness, Tally};
 use seambus::transport::{DeadLetterReason, Transport};
-use seambus::{Attributes, Bus, Context, Envelope, ErrorKind, HandlerError, Received};
+use seambus::{Attributes, Bus, Envelope, ErrorKind};
 use seambus_kafka::{KafkaConfig, KafkaTransport};
 use serde::{Deserialize, Serialize};
 
@@ -23,25 +23,6 @@ struct OrderPlaced {
 
 fn ready() -> bool {
     broker_ready(&common::Kafka { restart: false })
-}
-
-fn count_into(
-    tally: &Arc<Tally>,
-) -> impl Fn(
-    Received<OrderPlaced>,
-    Context,
-) -> futures_util::future::BoxFuture<'static, Result<(), HandlerError>>
-       + Send
-       + Sync
-       + 'static {
-    let tally = tally.clone();
-    move |_e, ctx| {
-        let tally = tally.clone();
-        Box::pin(async move {
-            tally.record(ctx.envelope().id());
-            Ok(())
-        })
-    }
 }
 
 #[test]
@@ -61,7 +42,7 @@ fn a_foreign_record_is_dead_lettered_with_the_reason_and_consumption_goes_on() {
         let tally = Tally::new();
         let sub = bus
             .module("billing")
-            .subscribe(count_into(&tally))
+            .subscribe(seambus::conformance::record_into::<OrderPlaced>(&tally))
             .await
             .unwrap();
         // A plain rdkafka producer, knowing nothing of Seambus.

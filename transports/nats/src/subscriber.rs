@@ -13,7 +13,7 @@ use async_nats::jetstream::{self, AckKind};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use seambus::transport::{
-    support::{call_guarded, header_text, triage, TaskConsumer},
+    support::{call_guarded, dead_letter_from, header_text, triage, TaskConsumer},
     Consumer, DeadLetterReason, DeliveryHandler, GroupId, Ordering, Outcome, SubscriptionSpec,
     Unfinished,
 };
@@ -453,28 +453,21 @@ pub(crate) fn dead_letter_of(
     headers: &HeaderMap,
     payload: Bytes,
 ) -> seambus::transport::DeadLetter {
-    let get = |name: &str| headers.get(name).map(|v| v.as_str().to_owned());
-    let envelope = envelope_of(Some(headers), payload.clone()).unwrap_or_else(|_| {
-        // Not an envelope: describe it from the dead-letter headers.
-        let subject = get(DL_SUBJECT).unwrap_or_default();
-        let mut attrs = seambus::Attributes::new("unknown", subject, 0);
-        if let Some(id) = get(DL_ID).and_then(|s| s.parse().ok()) {
-            attrs.id = id;
-        }
-        Envelope::from_bytes(attrs, payload)
-    });
-    let reason = get(DL_REASON)
-        .and_then(|r| DeadLetterReason::parse(&r))
-        .unwrap_or(DeadLetterReason::Undecodable);
-    let mut dl = seambus::transport::DeadLetter::new(
-        envelope,
-        group.clone(),
-        reason,
-        get(DL_ERROR).unwrap_or_default(),
-        get(DL_ATTEMPTS).and_then(|a| a.parse().ok()).unwrap_or(0),
-    );
-    if let Some(time) = get(DL_TIME).and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok()) {
-        dl.time = time.with_timezone(&chrono::Utc);
-    }
-    dl
+    dead_letter_from(
+        group,
+        envelope_of(Some(headers), payload.clone()),
+        &payload,
+        |name| {
+            let header = match name {
+                "reason" => DL_REASON,
+                "error" => DL_ERROR,
+                "attempts" => DL_ATTEMPTS,
+                "time" => DL_TIME,
+                "id" => DL_ID,
+                "origin" => DL_SUBJECT,
+                _ => return None,
+            };
+            headers.get(header).map(|v| v.as_str().to_owned())
+        },
+    )
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use seambus::conformance::{block_on, poll_until, Harness, Tally};
 use seambus::transport::{DeadLetterReason, Transport};
-use seambus::{Attributes, Bus, Context, Envelope, ErrorKind, HandlerError, Received};
+use seambus::{Attributes, Bus, Envelope, ErrorKind};
 use seambus_nats::{NatsConfig, NatsTransport};
 use serde::{Deserialize, Serialize};
 
@@ -22,25 +22,6 @@ struct OrderPlaced {
 
 fn ready() -> bool {
     seambus::conformance::broker_ready(&common::Nats { restart: false })
-}
-
-fn count_into(
-    tally: &Arc<Tally>,
-) -> impl Fn(
-    Received<OrderPlaced>,
-    Context,
-) -> futures_util::future::BoxFuture<'static, Result<(), HandlerError>>
-       + Send
-       + Sync
-       + 'static {
-    let tally = tally.clone();
-    move |_e, ctx| {
-        let tally = tally.clone();
-        Box::pin(async move {
-            tally.record(ctx.envelope().id());
-            Ok(())
-        })
-    }
 }
 
 #[test]
@@ -56,7 +37,7 @@ fn a_foreign_message_is_dead_lettered_with_the_reason_and_the_flow_goes_on() {
         let tally = Tally::new();
         let sub = bus
             .module("billing")
-            .subscribe(count_into(&tally))
+            .subscribe(seambus::conformance::record_into::<OrderPlaced>(&tally))
             .await
             .unwrap();
         let subject = format!("t-{ns}.orders.order_placed");
@@ -115,7 +96,7 @@ fn the_same_envelope_published_twice_is_stored_once() {
             .unwrap();
         let tally = Tally::new();
         bus.module("billing")
-            .subscribe(count_into(&tally))
+            .subscribe(seambus::conformance::record_into::<OrderPlaced>(&tally))
             .await
             .unwrap();
         let envelope = Envelope::from_bytes(

@@ -14,12 +14,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use lapin::options::{BasicAckOptions, BasicGetOptions, ExchangeDeleteOptions, QueueDeleteOptions};
 use lapin::types::AMQPValue;
-use seambus::transport::support::{drain, Subscriptions};
+use seambus::transport::support::{dead_letter_from, drain, Subscriptions};
 use seambus::transport::{
-    Capabilities, Consumer, DeadLetter, DeadLetterReason, DeliveryHandler, GroupId, ShutdownReport,
-    SubscriptionSpec, Transport,
+    Capabilities, Consumer, DeadLetter, DeliveryHandler, GroupId, ShutdownReport, SubscriptionSpec,
+    Transport,
 };
-use seambus::{Attributes, Envelope, Error, ErrorKind, Result};
+use seambus::{Envelope, Error, ErrorKind, Result};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -169,34 +169,18 @@ impl RabbitMqTransport {
 /// Reads a dead letter back from its message.
 fn dead_letter_of(group: &GroupId, properties: &lapin::BasicProperties, data: &[u8]) -> DeadLetter {
     let headers = properties.headers().clone().unwrap_or_default();
-    let get = |name: &str| {
+    let (envelope, _) = envelope_of(properties, data);
+    dead_letter_from(group, envelope, data, |name| {
+        let name = if name == "origin" {
+            "routing-key"
+        } else {
+            name
+        };
         headers
             .inner()
             .get(format!("{DL_PREFIX}{name}").as_str())
             .and_then(value_text)
-    };
-    let (envelope, _) = envelope_of(properties, data);
-    let envelope = envelope.unwrap_or_else(|_| {
-        let mut attrs = Attributes::new("unknown", get("routing-key").unwrap_or_default(), 0);
-        if let Some(id) = get("id").and_then(|s| s.parse().ok()) {
-            attrs.id = id;
-        }
-        Envelope::from_bytes(attrs, data.to_vec())
-    });
-    let reason = get("reason")
-        .and_then(|r| DeadLetterReason::parse(&r))
-        .unwrap_or(DeadLetterReason::Undecodable);
-    let mut dl = DeadLetter::new(
-        envelope,
-        group.clone(),
-        reason,
-        get("error").unwrap_or_else(|| "dead-lettered by the broker (delivery limit)".into()),
-        get("attempts").and_then(|a| a.parse().ok()).unwrap_or(0),
-    );
-    if let Some(time) = get("time").and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok()) {
-        dl.time = time.with_timezone(&chrono::Utc);
-    }
-    dl
+    })
 }
 
 #[async_trait]

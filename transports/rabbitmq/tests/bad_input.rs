@@ -11,7 +11,7 @@ use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use seambus::conformance::{block_on, broker_ready, poll_until, Tally};
 use seambus::transport::{DeadLetterReason, Transport};
-use seambus::{Attributes, Bus, Context, Envelope, ErrorKind, HandlerError, Received};
+use seambus::{Attributes, Bus, Envelope, ErrorKind};
 use seambus_rabbitmq::{RabbitMqConfig, RabbitMqTransport};
 use serde::{Deserialize, Serialize};
 
@@ -32,25 +32,6 @@ fn ready() -> bool {
     broker_ready(&common::Rabbit { restart: false })
 }
 
-fn count_into(
-    tally: &Arc<Tally>,
-) -> impl Fn(
-    Received<OrderPlaced>,
-    Context,
-) -> futures_util::future::BoxFuture<'static, Result<(), HandlerError>>
-       + Send
-       + Sync
-       + 'static {
-    let tally = tally.clone();
-    move |_e, ctx| {
-        let tally = tally.clone();
-        Box::pin(async move {
-            tally.record(ctx.envelope().id());
-            Ok(())
-        })
-    }
-}
-
 #[test]
 fn a_foreign_message_is_dead_lettered_with_the_reason_and_the_flow_goes_on() {
     if !ready() {
@@ -65,7 +46,7 @@ fn a_foreign_message_is_dead_lettered_with_the_reason_and_the_flow_goes_on() {
         let tally = Tally::new();
         let sub = bus
             .module("billing")
-            .subscribe(count_into(&tally))
+            .subscribe(seambus::conformance::record_into::<OrderPlaced>(&tally))
             .await
             .unwrap();
         // A plain AMQP client, knowing nothing of Seambus.
@@ -123,7 +104,9 @@ fn an_unroutable_publish_is_an_error_not_a_silent_ok() {
             .unwrap();
         // Declare the exchange through one subscription to another event.
         bus.module("billing")
-            .subscribe(count_into(&Tally::new()))
+            .subscribe(seambus::conformance::record_into::<OrderPlaced>(
+                &Tally::new(),
+            ))
             .await
             .unwrap();
         let err = bus
@@ -156,7 +139,7 @@ fn oversized_payloads_and_forged_headers_are_refused_before_sending() {
             .unwrap();
         let tally = Tally::new();
         bus.module("billing")
-            .subscribe(count_into(&tally))
+            .subscribe(seambus::conformance::record_into::<OrderPlaced>(&tally))
             .await
             .unwrap();
         let err = bus
