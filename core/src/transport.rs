@@ -666,6 +666,28 @@ pub mod support {
         dl
     }
 
+    /// The checks every broker transport makes before sending: headers
+    /// without CR/LF and not posing as CloudEvents attributes, an event
+    /// name fit for a topic or subject, and an encoded payload (which a
+    /// [`crate::Bus`] always provides to transports that do not share
+    /// values). Returns the payload.
+    pub fn outgoing<'a>(
+        envelope: &'a super::Envelope,
+        transport: &str,
+    ) -> Result<&'a bytes::Bytes> {
+        let attrs = envelope.attributes();
+        attrs.validate()?;
+        crate::validate_name(&attrs.event_type)?;
+        envelope.payload_bytes().ok_or_else(|| {
+            Error::new(
+                ErrorKind::Encode,
+                format!(
+                    "the {transport} transport carries encoded payloads; publish through a Bus"
+                ),
+            )
+        })
+    }
+
     /// Error text fit for a message header: control characters (CR, LF)
     /// become spaces, at most 1024 characters.
     pub fn header_text(text: &str) -> String {
@@ -753,6 +775,30 @@ mod tests {
             let base = Duration::from_millis(10) * 2u32.pow(attempt - 1);
             assert!(d >= base && d <= base * 2, "attempt {attempt}: {d:?}");
         }
+    }
+
+    #[test]
+    fn outgoing_checks_headers_names_and_bytes() {
+        use crate::{Attributes, Envelope, ErrorKind};
+        let ok = Envelope::from_bytes(Attributes::new("m", "m.e", 1), &b"{}"[..]);
+        assert_eq!(&support::outgoing(&ok, "test").unwrap()[..], b"{}");
+        let mut forged = Attributes::new("m", "m.e", 1);
+        forged.headers.push(("ce-id".into(), "x".into()));
+        let err = support::outgoing(&Envelope::from_bytes(forged, &b"{}"[..]), "test").unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidHeader);
+        let wildcard = Envelope::from_bytes(Attributes::new("m", "m.*", 1), &b"{}"[..]);
+        assert_eq!(
+            support::outgoing(&wildcard, "test").unwrap_err().kind(),
+            ErrorKind::InvalidName
+        );
+        #[derive(serde::Serialize, serde::Deserialize, crate::Event)]
+        #[event(name = "m.e")]
+        struct E;
+        let typed = Envelope::typed(Attributes::new("m", "m.e", 1), E);
+        assert_eq!(
+            support::outgoing(&typed, "test").unwrap_err().kind(),
+            ErrorKind::Encode
+        );
     }
 
     #[test]

@@ -15,7 +15,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, Producer as _};
 use rdkafka::{Offset, TopicPartitionList};
-use seambus::transport::support::{dead_letter_from, drain, Subscriptions};
+use seambus::transport::support::{dead_letter_from, drain, outgoing, Subscriptions};
 use seambus::transport::{
     Capabilities, Consumer, DeadLetter, DeliveryHandler, GroupId, ShutdownReport, SubscriptionSpec,
     Transport,
@@ -262,15 +262,8 @@ impl Transport for KafkaTransport {
                 "the Kafka transport is shut down",
             ));
         }
+        let payload = outgoing(&envelope, "Kafka")?;
         let attrs = envelope.attributes();
-        attrs.validate()?;
-        seambus::validate_name(&attrs.event_type)?;
-        let payload = envelope.payload_bytes().ok_or_else(|| {
-            Error::new(
-                ErrorKind::Encode,
-                "the Kafka transport carries encoded payloads; publish through a Bus",
-            )
-        })?;
         let headers = headers_of(attrs);
         let header_bytes: usize = header_pairs(Some(&headers))
             .iter()

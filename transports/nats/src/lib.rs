@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
 use async_trait::async_trait;
-use seambus::transport::support::{drain, Subscriptions};
+use seambus::transport::support::{drain, outgoing, Subscriptions};
 use seambus::transport::{
     Capabilities, Consumer, DeadLetter, DeliveryHandler, GroupId, ShutdownReport, SubscriptionSpec,
     Transport,
@@ -228,15 +228,8 @@ impl Transport for NatsTransport {
         if self.inner.closed.load(SeqCst) {
             return Err(Inner::closed_error());
         }
+        let payload = outgoing(&envelope, "NATS")?.clone();
         let attrs = envelope.attributes();
-        attrs.validate()?;
-        seambus::validate_name(&attrs.event_type)?;
-        let payload = envelope.payload_bytes().cloned().ok_or_else(|| {
-            Error::new(
-                ErrorKind::Encode,
-                "the NATS transport carries encoded payloads; publish through a Bus",
-            )
-        })?;
         if payload.len() > self.inner.max_payload {
             return Err(Error::new(
                 ErrorKind::PayloadTooLarge,

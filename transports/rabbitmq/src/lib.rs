@@ -14,7 +14,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use lapin::options::{BasicAckOptions, BasicGetOptions, ExchangeDeleteOptions, QueueDeleteOptions};
 use lapin::types::AMQPValue;
-use seambus::transport::support::{dead_letter_from, drain, Subscriptions};
+use seambus::transport::support::{dead_letter_from, drain, outgoing, Subscriptions};
 use seambus::transport::{
     Capabilities, Consumer, DeadLetter, DeliveryHandler, GroupId, ShutdownReport, SubscriptionSpec,
     Transport,
@@ -209,15 +209,8 @@ impl Transport for RabbitMqTransport {
                 "the RabbitMQ transport is shut down",
             ));
         }
+        let payload = outgoing(&envelope, "RabbitMQ")?;
         let attrs = envelope.attributes();
-        attrs.validate()?;
-        seambus::validate_name(&attrs.event_type)?;
-        let payload = envelope.payload_bytes().ok_or_else(|| {
-            Error::new(
-                ErrorKind::Encode,
-                "the RabbitMQ transport carries encoded payloads; publish through a Bus",
-            )
-        })?;
         if payload.len() > self.inner.config.max_message_size {
             return Err(Error::new(
                 ErrorKind::PayloadTooLarge,
