@@ -19,6 +19,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::event::{validate_header, validate_name};
 use crate::handler::{Handler, Stats, StatsCell, TypedHandler, CURRENT};
 use crate::in_process::InProcessTransport;
+use crate::routing::{self, Routing};
 use crate::transport::{
     Capabilities, Consumer, DeadLetter, Dispatch, GroupId, Ordering, RetryPolicy, ShutdownReport,
     SubscriptionSpec, Transport, TryPublish,
@@ -53,6 +54,7 @@ pub struct BusBuilder {
     default: Option<String>,
     routes: Vec<(String, String)>,
     dispatch: Vec<(String, Dispatch)>,
+    default_dispatch: Dispatch,
     upcasters: Upcasters,
     codecs: Codecs,
     verify_codec: bool,
@@ -67,6 +69,7 @@ impl Default for BusBuilder {
             default: None,
             routes: Vec::new(),
             dispatch: Vec::new(),
+            default_dispatch: Dispatch::Queued,
             upcasters: Upcasters::default(),
             codecs: Codecs::default(),
             verify_codec: std::env::var("SEAMBUS_VERIFY_CODEC").is_ok_and(|v| v == "1"),
@@ -77,9 +80,10 @@ impl Default for BusBuilder {
 }
 
 impl BusBuilder {
-    /// Adds a transport under `name`. The first one added is the default
-    /// route unless [`BusBuilder::default_transport`] says otherwise. With no
-    /// transport at all, the bus uses an [`InProcessTransport`].
+    /// Adds a transport under `name`. The first one added carries the events
+    /// no route names, unless [`BusBuilder::default_transport`] or a
+    /// [`Routing`] says otherwise. With no transport at all, the bus creates
+    /// an [`InProcessTransport`] named `in-process`.
     pub fn transport(mut self, name: impl Into<String>, transport: impl Transport) -> Self {
         self.transports.push((name.into(), Arc::new(transport)));
         self
@@ -91,15 +95,25 @@ impl BusBuilder {
         self
     }
 
-    /// The transport that carries events no route names.
+    /// The transport that carries events no route names. Naming
+    /// `in-process` without adding it makes the bus create one.
     pub fn default_transport(mut self, name: impl Into<String>) -> Self {
         self.default = Some(name.into());
         self
     }
 
+    /// How subscriptions to events on the default transport are dispatched
+    /// when neither they nor a [`BusBuilder::dispatch`] pattern say so
+    /// (default: [`Dispatch::Queued`]).
+    pub fn default_dispatch(mut self, dispatch: Dispatch) -> Self {
+        self.default_dispatch = dispatch;
+        self
+    }
+
     /// Routes events to the transport `transport`: `pattern` is an exact
     /// event name (`orders.order_placed`) or a prefix ending in `.*`
-    /// (`orders.*`). The most specific route wins.
+    /// (`orders.*`). Two routes that can match the same event name are an
+    /// error when the bus is built.
     pub fn route(mut self, pattern: impl Into<String>, transport: impl Into<String>) -> Self {
         self.routes.push((pattern.into(), transport.into()));
         self
@@ -112,6 +126,36 @@ impl BusBuilder {
     /// with no change to the handler or the subscription code.
     pub fn dispatch(mut self, pattern: impl Into<String>, dispatch: Dispatch) -> Self {
         self.dispatch.push((pattern.into(), dispatch));
+        self
+    }
+
+    /// Applies a [`Routing`] read from configuration: its routes, its
+    /// dispatch settings, and its default rule (`*`). Without a `*` rule that
+    /// names a transport, the default route is `in-process` (the design's
+    /// default). The transports it names must be added with
+    /// [`BusBuilder::transport`], except `in-process`, which the bus creates
+    /// when it is not added.
+    pub fn routing(mut self, routing: &Routing) -> Self {
+        if self.default.is_none() {
+            self.default = Some(IN_PROCESS.to_owned());
+        }
+        for rule in routing.rules() {
+            if rule.is_default() {
+                if let Some(t) = &rule.transport {
+                    self.default = Some(t.clone());
+                }
+                if let Some(d) = rule.dispatch {
+                    self.default_dispatch = d;
+                }
+                continue;
+            }
+            if let Some(t) = &rule.transport {
+                self.routes.push((rule.pattern.clone(), t.clone()));
+            }
+            if let Some(d) = rule.dispatch {
+                self.dispatch.push((rule.pattern.clone(), d));
+            }
+        }
         self
     }
 
@@ -158,10 +202,6 @@ impl BusBuilder {
         if let Some(e) = self.errors.into_iter().next() {
             return Err(e);
         }
-        if self.transports.is_empty() {
-            self.transports
-                .push(("in-process".into(), Arc::new(InProcessTransport::default())));
-        }
         let mut names = HashSet::new();
         for (name, _) in &self.transports {
             if !names.insert(name.as_str()) {
@@ -170,6 +210,14 @@ impl BusBuilder {
                     format!("transport `{name}` added twice"),
                 ));
             }
+        }
+        let default_name = match (&self.default, self.transports.first()) {
+            (Some(name), _) | (None, Some((name, _))) => name.clone(),
+            (None, None) => IN_PROCESS.to_owned(),
+        };
+        if default_name == IN_PROCESS && !names.contains(IN_PROCESS) {
+            self.transports
+                .push((IN_PROCESS.into(), Arc::new(InProcessTransport::default())));
         }
         let index_of = |name: &str| {
             self.transports
@@ -184,36 +232,17 @@ impl BusBuilder {
                     )
                 })
         };
-        let default = match &self.default {
-            Some(name) => index_of(name)?,
-            None => 0,
-        };
+        let default = index_of(&default_name)?;
         let mut routes = Vec::new();
-        let mut seen = HashSet::new();
         for (pattern, transport) in &self.routes {
-            let route = Route::parse(pattern)?;
-            if !seen.insert(pattern.clone()) {
-                return Err(Error::new(
-                    ErrorKind::Config,
-                    format!("route `{pattern}` given twice"),
-                ));
-            }
-            routes.push((route, index_of(transport)?));
+            routes.push((Route::parse(pattern)?, index_of(transport)?));
         }
-        // Most specific first: exact names, then longer prefixes.
-        routes.sort_by_key(|(r, _)| std::cmp::Reverse(r.specificity()));
+        check_overlaps("routes", routes.iter().map(|(r, _)| r))?;
         let mut dispatch = Vec::new();
-        let mut seen = HashSet::new();
         for (pattern, mode) in &self.dispatch {
-            if !seen.insert(pattern.clone()) {
-                return Err(Error::new(
-                    ErrorKind::Config,
-                    format!("dispatch for `{pattern}` given twice"),
-                ));
-            }
             dispatch.push((Route::parse(pattern)?, *mode));
         }
-        dispatch.sort_by_key(|(r, _)| std::cmp::Reverse(r.specificity()));
+        check_overlaps("dispatch patterns", dispatch.iter().map(|(r, _)| r))?;
         let capabilities = self
             .transports
             .iter()
@@ -224,6 +253,7 @@ impl BusBuilder {
                 transports: self.transports,
                 capabilities,
                 default,
+                default_dispatch: self.default_dispatch,
                 routes,
                 dispatch,
                 upcasters: Arc::new(self.upcasters),
@@ -237,38 +267,40 @@ impl BusBuilder {
     }
 }
 
-enum Route {
-    Exact(String),
-    Prefix(String),
-}
+/// The name of the in-process transport the bus creates when no other
+/// default is set.
+pub const IN_PROCESS: &str = "in-process";
+
+/// A checked route pattern: an exact event name or a `prefix.*`.
+struct Route(String);
 
 impl Route {
     fn parse(pattern: &str) -> Result<Self> {
-        match pattern.strip_suffix(".*") {
-            Some(prefix) => {
-                validate_name(prefix)?;
-                Ok(Self::Prefix(format!("{prefix}.")))
-            }
-            None => {
-                validate_name(pattern)?;
-                Ok(Self::Exact(pattern.to_owned()))
-            }
-        }
+        validate_name(pattern.strip_suffix(".*").unwrap_or(pattern))?;
+        Ok(Self(pattern.to_owned()))
     }
 
     fn matches(&self, name: &str) -> bool {
-        match self {
-            Self::Exact(n) => n == name,
-            Self::Prefix(p) => name.starts_with(p.as_str()),
-        }
+        routing::matches(&self.0, name)
     }
+}
 
-    fn specificity(&self) -> usize {
-        match self {
-            Self::Exact(_) => usize::MAX,
-            Self::Prefix(p) => p.len(),
+fn check_overlaps<'a>(what: &str, routes: impl Iterator<Item = &'a Route>) -> Result<()> {
+    let routes: Vec<&Route> = routes.collect();
+    for (i, a) in routes.iter().enumerate() {
+        for b in &routes[i + 1..] {
+            if routing::overlap(&a.0, &b.0) {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    format!(
+                        "{what} `{}` and `{}` overlap: an event name may match only one",
+                        a.0, b.0
+                    ),
+                ));
+            }
         }
     }
+    Ok(())
 }
 
 /// The event bus of one program. Cheap to clone.
@@ -310,6 +342,7 @@ struct BusInner {
     transports: Vec<(String, Arc<dyn Transport>)>,
     capabilities: Vec<Capabilities>,
     default: usize,
+    default_dispatch: Dispatch,
     routes: Vec<(Route, usize)>,
     dispatch: Vec<(Route, Dispatch)>,
     upcasters: Arc<Upcasters>,
@@ -406,11 +439,15 @@ impl BusInner {
             .map_or(self.default, |(_, i)| *i)
     }
 
+    /// A dispatch pattern, else the default dispatch for events on the
+    /// default route, else queued (a broker route never turns inline
+    /// because the default route is).
     fn dispatch_of(&self, event_name: &str) -> Dispatch {
-        self.dispatch
-            .iter()
-            .find(|(r, _)| r.matches(event_name))
-            .map_or(Dispatch::Queued, |(_, d)| *d)
+        match self.dispatch.iter().find(|(r, _)| r.matches(event_name)) {
+            Some((_, d)) => *d,
+            None if self.route_index(event_name) == self.default => self.default_dispatch,
+            None => Dispatch::Queued,
+        }
     }
 }
 

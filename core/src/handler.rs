@@ -7,7 +7,10 @@ use std::marker::PhantomData;
 use std::ops::Deref;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
 
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
@@ -149,6 +152,8 @@ pub(crate) struct StatsCell {
     panicked: AtomicU64,
     dead_lettered: AtomicU64,
     handling_nanos: AtomicU64,
+    /// Handling times in microseconds (1 us to 1 h, 3 significant digits).
+    handling_us: Mutex<Option<Histogram<u64>>>,
 }
 
 /// A snapshot of a subscription's counters in this process.
@@ -166,6 +171,12 @@ pub struct Stats {
     pub dead_lettered: u64,
     /// Total time spent in the handler, in nanoseconds.
     pub handling_nanos: u64,
+    /// Median handling time (zero before the first delivery).
+    pub handling_p50: Duration,
+    /// 99th percentile of handling time.
+    pub handling_p99: Duration,
+    /// Longest handling time.
+    pub handling_max: Duration,
 }
 
 impl StatsCell {
@@ -176,6 +187,38 @@ impl StatsCell {
             panicked: self.panicked.load(Relaxed),
             dead_lettered: self.dead_lettered.load(Relaxed),
             handling_nanos: self.handling_nanos.load(Relaxed),
+            ..self.percentiles()
+        }
+    }
+
+    fn record(&self, elapsed: Duration) {
+        self.handling_nanos
+            .fetch_add(elapsed.as_nanos() as u64, Relaxed);
+        let mut h = self
+            .handling_us
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let h = h.get_or_insert_with(|| {
+            Histogram::new_with_bounds(1, 3_600_000_000, 3)
+                .unwrap_or_else(|_| unreachable!("constant bounds are valid"))
+        });
+        h.saturating_record(elapsed.as_micros().max(1) as u64);
+    }
+
+    fn percentiles(&self) -> Stats {
+        let h = self
+            .handling_us
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let Some(h) = h.as_ref().filter(|h| !h.is_empty()) else {
+            return Stats::default();
+        };
+        let at = |q: f64| Duration::from_micros(h.value_at_quantile(q));
+        Stats {
+            handling_p50: at(0.5),
+            handling_p99: at(0.99),
+            handling_max: Duration::from_micros(h.max()),
+            ..Stats::default()
         }
     }
 }
@@ -289,9 +332,7 @@ impl<H> TypedInner<H> {
                     ))))
                 }),
         };
-        self.stats
-            .handling_nanos
-            .fetch_add(started.elapsed().as_nanos() as u64, Relaxed);
+        self.stats.record(started.elapsed());
         let _enter = span.enter();
         let (error, transient) = match result {
             Ok(Ok(())) => {

@@ -10,6 +10,7 @@ mod error;
 mod event;
 mod handler;
 mod in_process;
+pub mod routing;
 pub mod transport;
 mod upcast;
 
@@ -18,6 +19,7 @@ pub mod conformance;
 
 pub use bus::{
     Bus, BusBuilder, Module, PublishOptions, SubscribeBuilder, Subscription, DEFAULT_MAX_PAYLOAD,
+    IN_PROCESS,
 };
 pub use envelope::{Attributes, Envelope, SPEC_VERSION};
 pub use error::{Error, ErrorKind, HandlerError, Result};

@@ -606,6 +606,7 @@ async fn subscriptions_that_ask_more_than_the_route_gives_are_refused() {
     let bus = Bus::builder()
         .transport("memory", InProcessTransport::default())
         .transport("limited", Limited(InProcessTransport::default()))
+        .default_transport("memory")
         .route("orders.*", "limited")
         .build()
         .unwrap();
@@ -672,4 +673,247 @@ fn bad_routes_and_transports_are_config_errors() {
         .build()
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidName);
+}
+
+mod routing_by_configuration {
+    use super::*;
+    use seambus::routing::{Routing, Rule};
+
+    const TOML: &str = r#"
+        [app]
+        ignored = true
+
+        [routes]
+        "*" = { transport = "in-process", dispatch = "inline" }
+        "shipments.*" = "queue"
+        "orders.order_confirmed" = { transport = "queue", dispatch = "queued" }
+    "#;
+
+    #[test]
+    fn toml_and_environment_forms_say_the_same() {
+        let from_toml = Routing::from_toml_str(TOML).unwrap();
+        let from_env = Routing::parse_env(
+            "*=in-process:inline; shipments.*=queue,\n orders.order_confirmed=queue:queued",
+        )
+        .unwrap();
+        assert_eq!(from_toml.rules().len(), 3);
+        // TOML tables are sorted by key; compare as sets.
+        for rule in from_env.rules() {
+            assert!(from_toml.rules().contains(rule), "{rule} missing");
+        }
+        assert_eq!(from_toml.transports(), ["in-process", "queue"]);
+        // Display gives the environment form back.
+        assert_eq!(
+            Routing::parse_env(&from_toml.to_string()).unwrap(),
+            from_toml
+        );
+        assert_eq!(
+            from_toml
+                .rule_for("shipments.order_shipped")
+                .unwrap()
+                .transport
+                .as_deref(),
+            Some("queue")
+        );
+        assert!(from_toml.rule_for("orders.order_placed").is_none());
+        assert!(Routing::from_toml_str("[app]\nx = 1").unwrap().is_empty());
+    }
+
+    #[test]
+    fn overlapping_routes_are_startup_errors_naming_both() {
+        for (a, b) in [
+            ("orders.*", "orders.order_placed"),
+            ("orders.*", "orders.audit.*"),
+        ] {
+            let err = Routing::new([Rule::new(a, "x"), Rule::new(b, "y")]).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Config);
+            assert!(
+                err.to_string().contains(a) && err.to_string().contains(b),
+                "{err}"
+            );
+            // The builder keeps the same rule.
+            let err = Bus::builder()
+                .transport("x", InProcessTransport::default())
+                .route(a, "x")
+                .route(b, "x")
+                .build()
+                .unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Config);
+            assert!(err.to_string().contains("overlap"), "{err}");
+        }
+        let err = Routing::parse_env("orders.*=x, orders.*=y").unwrap_err();
+        assert!(err.to_string().contains("SEAMBUS_ROUTES"), "{err}");
+        assert!(err.to_string().contains("overlap"), "{err}");
+        // Disjoint prefixes and the default are fine.
+        Routing::parse_env("*=a, orders.*=b, ordersx.*=c, inventory.stock_reserved=d").unwrap();
+    }
+
+    #[test]
+    fn unknown_transports_are_startup_errors_listing_the_known_ones() {
+        let routing = Routing::parse_env("shipments.*=natz").unwrap();
+        let err = Bus::builder()
+            .transport("nats", InProcessTransport::default())
+            .routing(&routing)
+            .build()
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Config);
+        let text = err.to_string();
+        assert!(text.contains("unknown transport `natz`"), "{text}");
+        assert!(
+            text.contains("nats") && text.contains("in-process"),
+            "{text}"
+        );
+        let err = Bus::builder()
+            .routing(&Routing::parse_env("*=kafka").unwrap())
+            .build()
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("unknown transport `kafka`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_routing_text_gets_a_clear_error() {
+        for (text, needle) in [
+            (
+                "[routes]\n\"orders.*\" = { transport = \"a\", dispatch = \"sync\" }",
+                "unknown dispatch `sync`",
+            ),
+            (
+                "[routes]\n\"orders.*\" = { transprt = \"a\" }",
+                "unknown key `transprt`",
+            ),
+            ("[routes]\n\"orders.*\" = 3", "expected a transport name"),
+            ("routes = 1", "`routes` must be a table"),
+            ("[routes\n", "routing TOML"),
+        ] {
+            let err = Routing::from_toml_str(text).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Config, "{text}");
+            assert!(err.to_string().contains(needle), "{text}: {err}");
+        }
+        let err = Routing::from_toml_str("[routes]\n\"Orders!\" = \"a\"").unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidName);
+        let err = Routing::parse_env("orders.* nats").unwrap_err();
+        assert!(err.to_string().contains("pattern=transport"), "{err}");
+        let err = Routing::parse_env("orders.*=na ts").unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidName);
+        let err = Routing::from_toml_file("/nonexistent/seambus.toml").unwrap_err();
+        assert!(
+            err.to_string().contains("/nonexistent/seambus.toml"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_environment_replaces_the_file() {
+        let dir = std::env::temp_dir().join(format!("seambus-routing-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("routes.toml");
+        std::fs::write(&file, TOML).unwrap();
+        std::env::remove_var(seambus::routing::ROUTES_ENV);
+        assert_eq!(
+            Routing::load(Some(&file)).unwrap(),
+            Routing::from_toml_str(TOML).unwrap()
+        );
+        std::env::set_var(seambus::routing::ROUTES_ENV, "inventory.*=b");
+        let loaded = Routing::load(Some(&file));
+        std::env::remove_var(seambus::routing::ROUTES_ENV);
+        assert_eq!(
+            loaded.unwrap(),
+            Routing::parse_env("inventory.*=b").unwrap()
+        );
+        assert!(Routing::load(None).unwrap().is_empty());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn dispatch_is_chosen_per_route() {
+        // (routing, inline for orders.order_placed, inline for shipments.*)
+        for (routes, orders_inline, shipments_inline) in [
+            ("*=:inline, shipments.*=queue", true, false),
+            ("*=:inline, shipments.*=queue:inline", true, true),
+            ("shipments.*=queue:inline", false, true),
+            ("", false, false),
+        ] {
+            let routing = Routing::parse_env(routes).unwrap();
+            let bus = Bus::builder()
+                .transport("queue", InProcessTransport::default())
+                .routing(&routing)
+                .build()
+                .unwrap();
+            let orders = bus
+                .module("inventory")
+                .subscribe(noop::<OrderPlacedV1>)
+                .await
+                .unwrap();
+            let shipments = bus
+                .module("orders")
+                .subscribe(noop::<OrderShipped>)
+                .await
+                .unwrap();
+            bus.module("orders")
+                .publish(OrderPlacedV1 { order_id: 1 })
+                .await
+                .unwrap();
+            bus.module("shipments")
+                .publish(OrderShipped { order_id: 1 })
+                .await
+                .unwrap();
+            // One thread, no yield since the publishes returned: only inline
+            // handlers can have run.
+            assert_eq!(
+                orders.stats().succeeded,
+                u64::from(orders_inline),
+                "{routes}"
+            );
+            assert_eq!(
+                shipments.stats().succeeded,
+                u64::from(shipments_inline),
+                "{routes}"
+            );
+            let expected_route = if routes.contains("shipments") {
+                "queue"
+            } else {
+                "in-process"
+            };
+            assert_eq!(bus.route_of(OrderShipped::NAME), expected_route);
+            assert_eq!(bus.route_of(OrderPlacedV1::NAME), "in-process");
+            bus.shutdown(Duration::from_secs(5)).await.unwrap();
+        }
+    }
+
+    #[derive(Debug, Clone, Serialize, Deserialize, seambus::Event)]
+    #[event(name = "shipments.order_shipped")]
+    struct OrderShipped {
+        order_id: u64,
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn stats_report_handling_time_percentiles() {
+    let bus = Bus::new();
+    let sub = bus
+        .module("inventory")
+        .subscribe(|e: Received<OrderPlacedV1>, _c: Context| async move {
+            if e.order_id == 9 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            ok()
+        })
+        .dispatch(Dispatch::Inline)
+        .await
+        .unwrap();
+    assert_eq!(sub.stats().handling_max, Duration::ZERO);
+    for order_id in 0..10 {
+        bus.module("orders")
+            .publish(OrderPlacedV1 { order_id })
+            .await
+            .unwrap();
+    }
+    let stats = sub.stats();
+    assert_eq!(stats.succeeded, 10);
+    assert!(stats.handling_p50 < Duration::from_millis(20), "{stats:?}");
+    assert!(stats.handling_p99 >= Duration::from_millis(20), "{stats:?}");
+    assert!(stats.handling_max >= stats.handling_p99, "{stats:?}");
 }
