@@ -1,0 +1,401 @@
+//! Tiny Store: four modules (orders, inventory, payments, shipments) of one
+//! program that talk only through Seambus events.
+//!
+//! Where each event flows is configuration ([`seambus::routing`]): all
+//! in-process by default, one flow on a broker (L1), or one module in its own
+//! process (L3, [`Settings::modules`]). No module's code changes between
+//! these.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use seambus::routing::Routing;
+use seambus::transport::Transport;
+use seambus::{Bus, InProcessTransport, Stats, IN_PROCESS};
+use tiny_store_inventory::Inventory;
+use tiny_store_orders::Orders;
+use tiny_store_payments::Payments;
+use tiny_store_platform::{BoxError, Started, Storage};
+use tiny_store_shipments::Shipments;
+
+pub mod http;
+pub mod simulate;
+
+/// The modules of the shop, in the order the flow meets them.
+pub const MODULES: [&str; 4] = ["orders", "inventory", "payments", "shipments"];
+
+/// The transports this program can create, by the name routes use.
+pub const TRANSPORTS: [&str; 4] = [IN_PROCESS, "nats", "rabbitmq", "kafka"];
+
+/// How to run the shop: which modules, where events flow, where data lives.
+#[derive(Clone)]
+pub struct Settings {
+    /// The modules this process runs (default: all four).
+    pub modules: Vec<String>,
+    /// Which transport carries which events.
+    pub routing: Routing,
+    /// Broker addresses.
+    pub brokers: Brokers,
+    /// Prefix of every broker name (streams, exchanges, topics) and of the
+    /// PostgreSQL schemas; two shops with different namespaces never meet.
+    pub namespace: String,
+    /// PostgreSQL URL; `None` keeps every module's data in memory.
+    pub database_url: Option<String>,
+}
+
+/// Broker addresses (may hold passwords: `Debug` redacts them).
+#[derive(Clone)]
+pub struct Brokers {
+    /// NATS server URL.
+    pub nats_url: String,
+    /// AMQP URI of RabbitMQ.
+    pub rabbitmq_url: String,
+    /// Kafka bootstrap servers.
+    pub kafka_brokers: String,
+}
+
+impl Default for Brokers {
+    fn default() -> Self {
+        Self {
+            nats_url: "nats://127.0.0.1:4222".into(),
+            rabbitmq_url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            kafka_brokers: "127.0.0.1:9092".into(),
+        }
+    }
+}
+
+impl fmt::Debug for Brokers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Brokers")
+            .field("nats_url", &redact(&self.nats_url))
+            .field("rabbitmq_url", &redact(&self.rabbitmq_url))
+            .field("kafka_brokers", &self.kafka_brokers)
+            .finish()
+    }
+}
+
+impl fmt::Debug for Settings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Settings")
+            .field("modules", &self.modules)
+            .field("routing", &self.routing.to_string())
+            .field("brokers", &self.brokers)
+            .field("namespace", &self.namespace)
+            .field("database_url", &self.database_url.as_deref().map(redact))
+            .finish()
+    }
+}
+
+/// `scheme://user:secret@host/..` -> `scheme://user:***@host/..`.
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((credentials, host)) = rest.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    match credentials.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            modules: MODULES.iter().map(|m| (*m).to_owned()).collect(),
+            routing: Routing::default(),
+            brokers: Brokers::default(),
+            namespace: "tiny_store".into(),
+            database_url: None,
+        }
+    }
+}
+
+impl Settings {
+    /// Reads a `tiny-store.toml` (its `[routes]` table, `[transports.*]`
+    /// addresses and `[store]`), then applies the environment:
+    /// `SEAMBUS_ROUTES`, `SEAMBUS_NATS_URL`, `SEAMBUS_RABBITMQ_URL`,
+    /// `SEAMBUS_KAFKA_BROKERS`, `TINY_STORE_NAMESPACE`,
+    /// `TINY_STORE_DATABASE_URL`.
+    pub fn load(config: Option<&Path>) -> Result<Self, BoxError> {
+        let mut s = Self::default();
+        if let Some(path) = config {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            s.apply_toml(&text)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+        if let Some(routing) = Routing::from_env()? {
+            s.routing = routing;
+        }
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        if let Some(v) = env("SEAMBUS_NATS_URL") {
+            s.brokers.nats_url = v;
+        }
+        if let Some(v) = env("SEAMBUS_RABBITMQ_URL") {
+            s.brokers.rabbitmq_url = v;
+        }
+        if let Some(v) = env("SEAMBUS_KAFKA_BROKERS") {
+            s.brokers.kafka_brokers = v;
+        }
+        if let Some(v) = env("TINY_STORE_NAMESPACE") {
+            s.namespace = v;
+        }
+        if let Some(v) = env("TINY_STORE_DATABASE_URL") {
+            s.database_url = Some(v);
+        }
+        Ok(s)
+    }
+
+    /// Applies the settings of a TOML document.
+    pub fn apply_toml(&mut self, text: &str) -> Result<(), BoxError> {
+        self.routing = Routing::from_toml_str(text)?;
+        let doc: toml::Table = text.parse()?;
+        let get = |table: &str, sub: Option<&str>, key: &str| -> Result<Option<String>, BoxError> {
+            let mut v = doc.get(table);
+            if let Some(sub) = sub {
+                v = v.and_then(|t| t.get(sub));
+            }
+            match v.and_then(|t| t.get(key)) {
+                None => Ok(None),
+                Some(toml::Value::String(s)) => Ok(Some(s.clone())),
+                Some(_) => Err(format!("`{key}` must be a string").into()),
+            }
+        };
+        if let Some(v) = get("transports", Some("nats"), "url")? {
+            self.brokers.nats_url = v;
+        }
+        if let Some(v) = get("transports", Some("rabbitmq"), "url")? {
+            self.brokers.rabbitmq_url = v;
+        }
+        if let Some(v) = get("transports", Some("kafka"), "brokers")? {
+            self.brokers.kafka_brokers = v;
+        }
+        if let Some(v) = get("store", None, "namespace")? {
+            self.namespace = v;
+        }
+        if let Some(v) = get("store", None, "database_url")? {
+            self.database_url = Some(v);
+        }
+        Ok(())
+    }
+
+    /// Keeps the modules named in `list` (`orders,inventory`).
+    pub fn with_modules(mut self, list: &str) -> Result<Self, BoxError> {
+        let mut modules = Vec::new();
+        for m in list.split(',').map(str::trim).filter(|m| !m.is_empty()) {
+            if !MODULES.contains(&m) {
+                return Err(
+                    format!("unknown module `{m}`; modules: {}", MODULES.join(", ")).into(),
+                );
+            }
+            if !modules.iter().any(|k| k == m) {
+                modules.push(m.to_owned());
+            }
+        }
+        if modules.is_empty() {
+            return Err("--modules names no module".into());
+        }
+        self.modules = modules;
+        Ok(self)
+    }
+
+    /// Whether this process runs `module`.
+    pub fn runs(&self, module: &str) -> bool {
+        self.modules.iter().any(|m| m == module)
+    }
+
+    fn storage(&self) -> Storage {
+        match &self.database_url {
+            None => Storage::Memory,
+            Some(url) => Storage::Postgres {
+                url: url.clone(),
+                schema_prefix: format!("{}_", self.namespace),
+            },
+        }
+    }
+
+    /// Creates the transport routes call `name`.
+    async fn transport(&self, name: &str) -> Result<Arc<dyn Transport>, BoxError> {
+        let ns = &self.namespace;
+        Ok(match name {
+            IN_PROCESS => Arc::new(InProcessTransport::default()),
+            "nats" => Arc::new(
+                seambus_nats::NatsTransport::connect(
+                    seambus_nats::NatsConfig::default()
+                        .with_servers([self.brokers.nats_url.clone()])
+                        .with_stream_name(ns.to_uppercase())
+                        .with_subject_prefix(ns.clone())
+                        .with_ack_wait(Duration::from_secs(5)),
+                )
+                .await?,
+            ),
+            "rabbitmq" => Arc::new(
+                seambus_rabbitmq::RabbitMqTransport::connect(
+                    seambus_rabbitmq::RabbitMqConfig::default()
+                        .with_uri(self.brokers.rabbitmq_url.clone())
+                        .with_exchange(ns.clone()),
+                )
+                .await?,
+            ),
+            "kafka" => Arc::new(
+                seambus_kafka::KafkaTransport::connect(
+                    seambus_kafka::KafkaConfig::default()
+                        .with_bootstrap_servers(self.brokers.kafka_brokers.clone())
+                        .with_topic_prefix(ns.clone())
+                        .with_group_prefix(ns.clone()),
+                )
+                .await?,
+            ),
+            other => {
+                return Err(format!(
+                    "unknown transport `{other}` in the routes; tiny-store knows {}",
+                    TRANSPORTS.join(", ")
+                )
+                .into())
+            }
+        })
+    }
+}
+
+/// The running shop: the bus and the modules this process runs.
+pub struct Shop {
+    /// The bus.
+    pub bus: Bus,
+    /// The orders module, when this process runs it.
+    pub orders: Option<Orders>,
+    /// The inventory module, when this process runs it.
+    pub inventory: Option<Inventory>,
+    /// The payments module, when this process runs it.
+    pub payments: Option<Payments>,
+    /// The shipments module, when this process runs it.
+    pub shipments: Option<Shipments>,
+    started: Vec<Started>,
+}
+
+impl Shop {
+    /// Connects the transports the routes name, opens each module's
+    /// storage, and starts the modules' subscriptions.
+    pub async fn start(settings: &Settings) -> Result<Self, BoxError> {
+        let mut builder = Bus::builder()
+            .upcast::<tiny_store_orders_contract::OrderPlacedV1, tiny_store_orders_contract::OrderPlaced>()
+            .routing(&settings.routing);
+        for name in settings.routing.transports() {
+            builder = builder.transport_arc(name, settings.transport(name).await?);
+        }
+        let bus = builder.build()?;
+        let storage = settings.storage();
+        let mut shop = Self {
+            orders: None,
+            inventory: None,
+            payments: None,
+            shipments: None,
+            started: Vec::new(),
+            bus,
+        };
+        // Consumers first, so nothing published below finds no subscriber.
+        if settings.runs(tiny_store_shipments::MODULE) {
+            let m = Shipments::open(&shop.bus, &storage).await?;
+            shop.started.push(m.start().await?);
+            shop.shipments = Some(m);
+        }
+        if settings.runs(tiny_store_payments::MODULE) {
+            let m = Payments::open(&shop.bus, &storage).await?;
+            shop.started.push(m.start().await?);
+            shop.payments = Some(m);
+        }
+        if settings.runs(tiny_store_inventory::MODULE) {
+            let m = Inventory::open(&shop.bus, &storage).await?;
+            shop.started.push(m.start().await?);
+            shop.inventory = Some(m);
+        }
+        if settings.runs(tiny_store_orders::MODULE) {
+            let m = Orders::open(&shop.bus, &storage).await?;
+            shop.started.push(m.start().await?);
+            shop.orders = Some(m);
+        }
+        shop.started
+            .sort_by_key(|s| MODULES.iter().position(|m| *m == s.module));
+        tracing::info!(modules = ?settings.modules, routes = %settings.routing, "shop started");
+        Ok(shop)
+    }
+
+    /// Each running module's subscriptions and their stats.
+    pub fn summary(&self) -> Summary {
+        Summary {
+            modules: self
+                .started
+                .iter()
+                .map(|s| (s.module.to_owned(), s.stats()))
+                .collect(),
+        }
+    }
+
+    /// Stops taking events, lets handlers finish (up to `deadline`) and
+    /// closes the transports.
+    pub async fn shutdown(&self, deadline: Duration) -> Result<(), BoxError> {
+        let report = self.bus.shutdown(deadline).await?;
+        if !report.drained {
+            tracing::warn!(
+                unfinished = report.unfinished.len(),
+                "shutdown left events for redelivery"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Per-module counters of this process.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    /// Module name, then each subscription's name and stats.
+    pub modules: Vec<(String, Vec<(String, Stats)>)>,
+}
+
+impl Summary {
+    /// The sum of a module's counters: (handled, retried, dead-lettered).
+    pub fn totals(&self, module: &str) -> (u64, u64, u64) {
+        self.modules
+            .iter()
+            .filter(|(m, _)| m == module)
+            .flat_map(|(_, subs)| subs)
+            .fold((0, 0, 0), |(h, r, d), (_, s)| {
+                (h + s.succeeded, r + s.retried, d + s.dead_lettered)
+            })
+    }
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{:<10} {:<26} {:>8} {:>8} {:>6} {:>10} {:>10}",
+            "module", "subscription", "handled", "failures", "dead", "p50", "p99"
+        )?;
+        for (module, subs) in &self.modules {
+            for (name, s) in subs {
+                writeln!(
+                    f,
+                    "{:<10} {:<26} {:>8} {:>8} {:>6} {:>10} {:>10}",
+                    module,
+                    name,
+                    s.succeeded,
+                    s.retried,
+                    s.dead_lettered,
+                    format!("{:.1?}", s.handling_p50),
+                    format!("{:.1?}", s.handling_p99),
+                )?;
+            }
+            let (h, r, d) = self.totals(module);
+            writeln!(f, "{:<10} {:<26} {h:>8} {r:>8} {d:>6}", module, "(all)")?;
+        }
+        Ok(())
+    }
+}
+
+/// Stock levels by SKU.
+pub type StockCounts = BTreeMap<String, tiny_store_inventory::Level>;
