@@ -9,9 +9,14 @@
 //! | `GET /stats` | the per-module summary, as text |
 //! | `GET /health` | `ok` |
 //!
-//! Errors are JSON, `{"error": "..."}`, with 400 (bad JSON), 422 (an order
-//! that cannot be), 404 (no such order, or the module runs elsewhere) or
-//! 503 (the order could not be stored or published; retry).
+//! Errors are JSON, `{"error": "..."}`, with 400 (not JSON), 415 (no JSON
+//! content type), 422 (JSON of the wrong shape, or an order that cannot
+//! be), 404 (no such order, or the module runs elsewhere) or 503 (the order
+//! could not be stored or published; retry).
+//!
+//! Orders move on by events: a new order answers `placed`, and reaches
+//! `shipped` or `cancelled` shortly after. Stock held for a cancelled order
+//! comes back by a later event, just after the order reads `cancelled`.
 
 use std::sync::Arc;
 
@@ -73,7 +78,8 @@ impl IntoResponse for ApiError {
 
 impl From<JsonRejection> for ApiError {
     fn from(r: JsonRejection) -> Self {
-        Self(StatusCode::BAD_REQUEST, r.body_text())
+        // 400 bad JSON, 415 not JSON, 422 JSON of the wrong shape.
+        Self(r.status(), r.body_text())
     }
 }
 
@@ -123,8 +129,12 @@ async fn place_legacy(
 }
 
 async fn created(orders: &Orders, id: Uuid) -> Result<Response, ApiError> {
-    let order = orders.get(id).await.map_err(internal)?;
-    Ok((StatusCode::CREATED, Json(order)).into_response())
+    match orders.get(id).await.map_err(internal)? {
+        Some(order) => Ok((StatusCode::CREATED, Json(order)).into_response()),
+        None => Err(internal(format!(
+            "order {id} was stored but cannot be read"
+        ))),
+    }
 }
 
 async fn order(

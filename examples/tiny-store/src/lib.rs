@@ -219,38 +219,47 @@ impl Settings {
         }
     }
 
-    /// Creates the transport routes call `name`.
-    async fn transport(&self, name: &str) -> Result<Arc<dyn Transport>, BoxError> {
-        let ns = &self.namespace;
+    fn nats_config(&self) -> seambus_nats::NatsConfig {
+        seambus_nats::NatsConfig::default()
+            .with_servers([self.brokers.nats_url.clone()])
+            .with_stream_name(self.namespace.to_uppercase())
+            .with_subject_prefix(self.namespace.clone())
+            // Events a stopped process held come back after this.
+            .with_ack_wait(Duration::from_secs(5))
+    }
+
+    fn rabbitmq_config(&self) -> seambus_rabbitmq::RabbitMqConfig {
+        seambus_rabbitmq::RabbitMqConfig::default()
+            .with_uri(self.brokers.rabbitmq_url.clone())
+            .with_exchange(self.namespace.clone())
+    }
+
+    fn kafka_config(&self) -> seambus_kafka::KafkaConfig {
+        seambus_kafka::KafkaConfig::default()
+            .with_bootstrap_servers(self.brokers.kafka_brokers.clone())
+            .with_topic_prefix(self.namespace.clone())
+            .with_group_prefix(self.namespace.clone())
+    }
+
+    /// Connects the transport routes call `name`.
+    pub async fn transport(&self, name: &str) -> Result<Connected, BoxError> {
         Ok(match name {
-            IN_PROCESS => Arc::new(InProcessTransport::default()),
-            "nats" => Arc::new(
-                seambus_nats::NatsTransport::connect(
-                    seambus_nats::NatsConfig::default()
-                        .with_servers([self.brokers.nats_url.clone()])
-                        .with_stream_name(ns.to_uppercase())
-                        .with_subject_prefix(ns.clone())
-                        .with_ack_wait(Duration::from_secs(5)),
-                )
-                .await?,
-            ),
-            "rabbitmq" => Arc::new(
-                seambus_rabbitmq::RabbitMqTransport::connect(
-                    seambus_rabbitmq::RabbitMqConfig::default()
-                        .with_uri(self.brokers.rabbitmq_url.clone())
-                        .with_exchange(ns.clone()),
-                )
-                .await?,
-            ),
-            "kafka" => Arc::new(
-                seambus_kafka::KafkaTransport::connect(
-                    seambus_kafka::KafkaConfig::default()
-                        .with_bootstrap_servers(self.brokers.kafka_brokers.clone())
-                        .with_topic_prefix(ns.clone())
-                        .with_group_prefix(ns.clone()),
-                )
-                .await?,
-            ),
+            IN_PROCESS => Connected::new(InProcessTransport::default(), None),
+            "nats" => {
+                let t = Arc::new(seambus_nats::NatsTransport::connect(self.nats_config()).await?);
+                Connected::new_arc(t.clone(), Some(Broker::Nats(t)))
+            }
+            "rabbitmq" => {
+                let t = Arc::new(
+                    seambus_rabbitmq::RabbitMqTransport::connect(self.rabbitmq_config()).await?,
+                );
+                Connected::new_arc(t.clone(), Some(Broker::RabbitMq(t)))
+            }
+            "kafka" => {
+                let t =
+                    Arc::new(seambus_kafka::KafkaTransport::connect(self.kafka_config()).await?);
+                Connected::new_arc(t.clone(), Some(Broker::Kafka(t, self.namespace.clone())))
+            }
             other => {
                 return Err(format!(
                     "unknown transport `{other}` in the routes; tiny-store knows {}",
@@ -261,6 +270,56 @@ impl Settings {
         })
     }
 }
+
+/// A connected transport, and its broker handle for tear-down.
+pub struct Connected {
+    transport: Arc<dyn Transport>,
+    broker: Option<Broker>,
+}
+
+impl Connected {
+    fn new(t: impl Transport, broker: Option<Broker>) -> Self {
+        Self::new_arc(Arc::new(t), broker)
+    }
+
+    fn new_arc(transport: Arc<dyn Transport>, broker: Option<Broker>) -> Self {
+        Self { transport, broker }
+    }
+}
+
+enum Broker {
+    Nats(Arc<seambus_nats::NatsTransport>),
+    RabbitMq(Arc<seambus_rabbitmq::RabbitMqTransport>),
+    Kafka(Arc<seambus_kafka::KafkaTransport>, String),
+}
+
+impl Broker {
+    async fn delete_state(&self) -> Result<(), BoxError> {
+        match self {
+            Self::Nats(t) => t.delete_streams().await?,
+            Self::RabbitMq(t) => t.delete_topology().await?,
+            Self::Kafka(t, namespace) => {
+                let topics: Vec<String> =
+                    EVENTS.iter().map(|e| format!("{namespace}.{e}")).collect();
+                let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
+                t.delete_topics(&topics).await?
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Every event name of the shop.
+pub const EVENTS: [&str; 8] = [
+    "orders.order_placed",
+    "orders.order_confirmed",
+    "orders.order_cancelled",
+    "inventory.stock_reserved",
+    "inventory.stock_rejected",
+    "payments.payment_captured",
+    "payments.payment_failed",
+    "shipments.order_shipped",
+];
 
 /// The running shop: the bus and the modules this process runs.
 pub struct Shop {
@@ -275,6 +334,7 @@ pub struct Shop {
     /// The shipments module, when this process runs it.
     pub shipments: Option<Shipments>,
     started: Vec<Started>,
+    brokers: Vec<Broker>,
 }
 
 impl Shop {
@@ -284,8 +344,11 @@ impl Shop {
         let mut builder = Bus::builder()
             .upcast::<tiny_store_orders_contract::OrderPlacedV1, tiny_store_orders_contract::OrderPlaced>()
             .routing(&settings.routing);
+        let mut brokers = Vec::new();
         for name in settings.routing.transports() {
-            builder = builder.transport_arc(name, settings.transport(name).await?);
+            let connected = settings.transport(name).await?;
+            builder = builder.transport_arc(name, connected.transport);
+            brokers.extend(connected.broker);
         }
         let bus = builder.build()?;
         let storage = settings.storage();
@@ -295,6 +358,7 @@ impl Shop {
             payments: None,
             shipments: None,
             started: Vec::new(),
+            brokers,
             bus,
         };
         // Consumers first, so nothing published below finds no subscriber.
@@ -344,6 +408,19 @@ impl Shop {
                 unfinished = report.unfinished.len(),
                 "shutdown left events for redelivery"
             );
+        }
+        Ok(())
+    }
+}
+
+impl Shop {
+    /// Deletes what this shop declared on its brokers (NATS streams,
+    /// RabbitMQ queues and exchanges, Kafka event topics): a reset for demos
+    /// and tests, after [`Shop::shutdown`]. Kafka dead-letter topics are
+    /// kept.
+    pub async fn delete_broker_state(&self) -> Result<(), BoxError> {
+        for b in &self.brokers {
+            b.delete_state().await?;
         }
         Ok(())
     }

@@ -71,6 +71,10 @@ enum Command {
     /// Run the modules' handlers only, until Ctrl-C or SIGTERM (an
     /// extracted module's process).
     Run,
+    /// Delete this namespace's broker state (streams, queues, exchanges,
+    /// topics) on every broker the routes name. Events still queued there
+    /// are lost.
+    Reset,
 }
 
 fn main() -> ExitCode {
@@ -116,6 +120,12 @@ async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
         timeout: 120,
         quiet: false,
     });
+    if matches!(command, Command::Reset) {
+        // Every module, so every queue is declared and then deleted; data in
+        // memory only, so events consumed meanwhile touch no database.
+        settings = settings.with_modules(&tiny_store::MODULES.join(","))?;
+        settings.database_url = None;
+    }
     let shop = Arc::new(Shop::start(&settings).await?);
     let routes = if settings.routing.is_empty() {
         "everything in-process".to_owned()
@@ -153,15 +163,29 @@ async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
             let listener = tokio::net::TcpListener::bind(&addr).await?;
             println!("tiny-store: listening on http://{}", listener.local_addr()?);
             println!("tiny-store: ready");
-            axum::serve(listener, tiny_store::http::router(shop.clone()))
+            let served = axum::serve(listener, tiny_store::http::router(shop.clone()))
                 .with_graceful_shutdown(stop_signal())
-                .await?;
-            ExitCode::SUCCESS
+                .await;
+            if let Err(e) = served {
+                eprintln!("tiny-store: the HTTP server failed: {e}");
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
         }
         Command::Run => {
             println!("tiny-store: ready");
             stop_signal().await;
             ExitCode::SUCCESS
+        }
+        Command::Reset => {
+            shop.shutdown(Duration::from_secs(10)).await?;
+            shop.delete_broker_state().await?;
+            println!(
+                "tiny-store: broker state of namespace `{}` deleted",
+                settings.namespace
+            );
+            return Ok(ExitCode::SUCCESS);
         }
     };
     shop.shutdown(Duration::from_secs(10)).await?;

@@ -1,0 +1,67 @@
+//! Shared by the tiny-store tests: broker availability and fresh
+//! namespaces.
+
+#![allow(dead_code, unreachable_pub)]
+
+pub mod server;
+
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+use tiny_store::Settings;
+
+/// Whether the broker behind `transport` answers; when it does not, the
+/// test is skipped with a message, or fails when
+/// `SEAMBUS_REQUIRE_BROKERS=1` (as in CI).
+pub fn broker_ready(transport: &str, settings: &Settings) -> bool {
+    let addr = match transport {
+        "nats" => host_port(&settings.brokers.nats_url),
+        "rabbitmq" => host_port(&settings.brokers.rabbitmq_url),
+        "kafka" => settings
+            .brokers
+            .kafka_brokers
+            .split(',')
+            .next()
+            .unwrap_or_default()
+            .to_owned(),
+        _ => return true,
+    };
+    let up = addr
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .is_some_and(|a| TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok());
+    if up {
+        return true;
+    }
+    let why = format!("{transport} does not answer at {addr}");
+    if std::env::var("SEAMBUS_REQUIRE_BROKERS").is_ok_and(|v| v == "1") {
+        panic!("broker required (SEAMBUS_REQUIRE_BROKERS=1) but unavailable: {why}");
+    }
+    eprintln!("SKIPPED: {why} (set SEAMBUS_REQUIRE_BROKERS=1 to fail instead)");
+    false
+}
+
+/// `scheme://user:pw@host:port/path` -> `host:port`.
+fn host_port(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
+    rest.split('/').next().unwrap_or(rest).to_owned()
+}
+
+/// A namespace no other run uses.
+pub fn namespace(test: &str) -> String {
+    format!(
+        "ts_{test}_{}",
+        uuid::Uuid::now_v7().simple().to_string()[20..].to_owned()
+    )
+}
+
+/// Settings read from the environment (broker URLs), with `routes` and a
+/// fresh namespace.
+pub fn settings(test: &str, routes: &str) -> Settings {
+    let mut s = Settings::load(None).expect("settings");
+    s.routing = seambus::routing::Routing::parse_env(routes).expect("routes");
+    s.namespace = namespace(test);
+    s
+}
