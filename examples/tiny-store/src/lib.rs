@@ -117,7 +117,7 @@ impl Default for Settings {
 
 impl Settings {
     /// Reads a `tiny-store.toml` (its `[routes]` table, `[transports.*]`
-    /// addresses and `[store]`), then applies the environment:
+    /// addresses, `[store]` and `[process]`), then applies the environment:
     /// `SEAMBUS_ROUTES`, `SEAMBUS_NATS_URL`, `SEAMBUS_RABBITMQ_URL`,
     /// `SEAMBUS_KAFKA_BROKERS`, `TINY_STORE_NAMESPACE`,
     /// `TINY_STORE_DATABASE_URL`.
@@ -180,6 +180,15 @@ impl Settings {
         }
         if let Some(v) = get("store", None, "database_url")? {
             self.database_url = Some(v);
+        }
+        match doc.get("process").and_then(|p| p.get("modules")) {
+            None => {}
+            Some(toml::Value::Array(list)) => {
+                let names: Option<Vec<&str>> = list.iter().map(toml::Value::as_str).collect();
+                let names = names.ok_or("`process.modules` must be a list of module names")?;
+                *self = std::mem::take(self).with_modules(&names.join(","))?;
+            }
+            Some(_) => return Err("`process.modules` must be a list of module names".into()),
         }
         Ok(())
     }

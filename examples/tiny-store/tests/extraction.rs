@@ -52,6 +52,11 @@ async fn extraction(broker: &str) {
     let env = [
         ("SEAMBUS_ROUTES", routes.as_str()),
         ("TINY_STORE_NAMESPACE", settings.namespace.as_str()),
+        ("SEAMBUS_NATS_URL", settings.brokers.nats_url.as_str()),
+        (
+            "SEAMBUS_RABBITMQ_URL",
+            settings.brokers.rabbitmq_url.as_str(),
+        ),
     ];
     // The extracted module first: its queue must exist before the first
     // confirmation is published (RabbitMQ refuses an unroutable event).

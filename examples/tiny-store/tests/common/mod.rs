@@ -61,6 +61,17 @@ pub fn namespace(test: &str) -> String {
 /// fresh namespace.
 pub fn settings(test: &str, routes: &str) -> Settings {
     let mut s = Settings::load(None).expect("settings");
+    // The brokers the other test suites use, when set.
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    if let Some(v) = env("SEAMBUS_TEST_NATS_URL") {
+        s.brokers.nats_url = v;
+    }
+    if let Some(v) = env("SEAMBUS_TEST_AMQP_URL") {
+        s.brokers.rabbitmq_url = v;
+    }
+    if let Some(v) = env("SEAMBUS_TEST_KAFKA_BROKERS") {
+        s.brokers.kafka_brokers = v;
+    }
     s.routing = seambus::routing::Routing::parse_env(routes).expect("routes");
     s.namespace = namespace(test);
     s

@@ -1,0 +1,95 @@
+//! The configuration files of the ladder (`config/*.toml`, shown in the
+//! READMEs) say what the docs claim, and bad configuration is a clear
+//! startup error.
+
+use std::path::PathBuf;
+
+use seambus::Dispatch;
+use tiny_store::{Settings, Shop};
+
+fn file(name: &str) -> Settings {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("config")
+        .join(name);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut s = Settings::default();
+    s.apply_toml(&text)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    s
+}
+
+#[test]
+fn each_rung_of_the_ladder_is_a_configuration() {
+    let l0 = file("l0-inline.toml");
+    let default = l0.routing.default_rule().unwrap();
+    assert_eq!(default.dispatch, Some(Dispatch::Inline));
+    assert_eq!(l0.routing.transports(), ["in-process"]);
+
+    let l1 = file("l1-queued.toml");
+    assert_eq!(
+        l1.routing.default_rule().unwrap().dispatch,
+        Some(Dispatch::Queued)
+    );
+
+    let broker = file("l1-broker.toml");
+    assert_eq!(broker.routing.transports(), ["in-process", "nats"]);
+    for event in ["orders.order_confirmed", "shipments.order_shipped"] {
+        let rule = broker.routing.rule_for(event).unwrap();
+        assert_eq!(rule.transport.as_deref(), Some("nats"), "{event}");
+    }
+    assert!(broker.routing.rule_for("orders.order_placed").is_none());
+    assert_eq!(broker.modules, tiny_store::MODULES);
+
+    // Extraction: the same routes in both processes, the modules split.
+    let shop = file("l3-shop.toml");
+    let shipping = file("l3-shipments.toml");
+    assert_eq!(shop.routing, broker.routing);
+    assert_eq!(shipping.routing, broker.routing);
+    assert_eq!(shop.modules, ["orders", "inventory", "payments"]);
+    assert_eq!(shipping.modules, ["shipments"]);
+
+    let l2 = file("l2-postgres.toml");
+    assert!(l2.database_url.is_some());
+    assert_eq!(l2.routing, l1.routing);
+}
+
+#[tokio::test]
+async fn bad_configuration_is_a_startup_error_that_names_the_culprit() {
+    let mut s = Settings::default();
+    s.apply_toml("[routes]\n\"shipments.*\" = \"natz\"")
+        .unwrap();
+    let err = Shop::start(&s).await.err().expect("an unknown transport");
+    assert!(
+        err.to_string().contains("unknown transport `natz`"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("nats, rabbitmq, kafka"), "{err}");
+
+    let mut s = Settings::default();
+    let err = s
+        .apply_toml("[routes]\n\"orders.*\" = \"nats\"\n\"orders.order_placed\" = \"kafka\"")
+        .unwrap_err();
+    assert!(err.to_string().contains("overlap"), "{err}");
+
+    let err = s
+        .apply_toml("[process]\nmodules = [\"orders\", \"billing\"]")
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("unknown module `billing`"),
+        "{err}"
+    );
+    let err = s.apply_toml("[process]\nmodules = \"orders\"").unwrap_err();
+    assert!(err.to_string().contains("list of module names"), "{err}");
+}
+
+#[test]
+fn debug_output_hides_passwords() {
+    let mut s = Settings::default();
+    s.database_url = Some("postgres://shop:s3cret@db/shop".into());
+    let text = format!("{s:?}");
+    assert!(
+        !text.contains("s3cret") && !text.contains("guest:guest"),
+        "{text}"
+    );
+    assert!(text.contains("shop:***@db"), "{text}");
+}
