@@ -84,8 +84,10 @@ async fn bad_configuration_is_a_startup_error_that_names_the_culprit() {
 
 #[test]
 fn debug_output_hides_passwords() {
-    let mut s = Settings::default();
-    s.database_url = Some("postgres://shop:s3cret@db/shop".into());
+    let s = Settings {
+        database_url: Some("postgres://shop:s3cret@db/shop".into()),
+        ..Settings::default()
+    };
     let text = format!("{s:?}");
     assert!(
         !text.contains("s3cret") && !text.contains("guest:guest"),
