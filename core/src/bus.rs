@@ -102,9 +102,10 @@ impl BusBuilder {
         self
     }
 
-    /// How subscriptions to events on the default transport are dispatched
-    /// when neither they nor a [`BusBuilder::dispatch`] pattern say so
-    /// (default: [`Dispatch::Queued`]).
+    /// How subscriptions to events no route names are dispatched when
+    /// neither they nor a [`BusBuilder::dispatch`] pattern say so (default:
+    /// [`Dispatch::Queued`]). Routed events are queued unless a dispatch
+    /// pattern says otherwise.
     pub fn default_dispatch(mut self, dispatch: Dispatch) -> Self {
         self.default_dispatch = dispatch;
         self
@@ -130,11 +131,13 @@ impl BusBuilder {
     }
 
     /// Applies a [`Routing`] read from configuration: its routes, its
-    /// dispatch settings, and its default rule (`*`). Without a `*` rule that
+    /// dispatch settings, and its default rule (`*`). Unless a
+    /// [`BusBuilder::default_transport`] call came before, or the `*` rule
     /// names a transport, the default route is `in-process` (the design's
-    /// default). The transports it names must be added with
-    /// [`BusBuilder::transport`], except `in-process`, which the bus creates
-    /// when it is not added.
+    /// default), even when other transports were added: an empty routing
+    /// means everything in-process. Calls after this one override it. The
+    /// transports it names must be added with [`BusBuilder::transport`],
+    /// except `in-process`, which the bus creates when it is not added.
     pub fn routing(mut self, routing: &Routing) -> Self {
         if self.default.is_none() {
             self.default = Some(IN_PROCESS.to_owned());
@@ -215,7 +218,9 @@ impl BusBuilder {
             (Some(name), _) | (None, Some((name, _))) => name.clone(),
             (None, None) => IN_PROCESS.to_owned(),
         };
-        if default_name == IN_PROCESS && !names.contains(IN_PROCESS) {
+        let in_process_named =
+            default_name == IN_PROCESS || self.routes.iter().any(|(_, t)| t == IN_PROCESS);
+        if in_process_named && !names.contains(IN_PROCESS) {
             self.transports
                 .push((IN_PROCESS.into(), Arc::new(InProcessTransport::default())));
         }
@@ -439,14 +444,14 @@ impl BusInner {
             .map_or(self.default, |(_, i)| *i)
     }
 
-    /// A dispatch pattern, else the default dispatch for events on the
-    /// default route, else queued (a broker route never turns inline
-    /// because the default route is).
+    /// A dispatch pattern, else the default dispatch for events no route
+    /// names, else queued (a routed flow, on a broker or not, never turns
+    /// inline because the default route is).
     fn dispatch_of(&self, event_name: &str) -> Dispatch {
         match self.dispatch.iter().find(|(r, _)| r.matches(event_name)) {
             Some((_, d)) => *d,
-            None if self.route_index(event_name) == self.default => self.default_dispatch,
-            None => Dispatch::Queued,
+            None if self.routes.iter().any(|(r, _)| r.matches(event_name)) => Dispatch::Queued,
+            None => self.default_dispatch,
         }
     }
 }

@@ -152,7 +152,8 @@ pub(crate) struct StatsCell {
     panicked: AtomicU64,
     dead_lettered: AtomicU64,
     handling_nanos: AtomicU64,
-    /// Handling times in microseconds (1 us to 1 h, 3 significant digits).
+    /// Handling times in microseconds (1 us to 1 h, 2 significant digits:
+    /// a few KiB per subscription).
     handling_us: Mutex<Option<Histogram<u64>>>,
 }
 
@@ -199,7 +200,7 @@ impl StatsCell {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         let h = h.get_or_insert_with(|| {
-            Histogram::new_with_bounds(1, 3_600_000_000, 3)
+            Histogram::new_with_bounds(1, 3_600_000_000, 2)
                 .unwrap_or_else(|_| unreachable!("constant bounds are valid"))
         });
         h.saturating_record(elapsed.as_micros().max(1) as u64);

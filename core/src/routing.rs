@@ -160,7 +160,7 @@ impl Routing {
         Ok(Self { rules })
     }
 
-    /// The rules, in the order given.
+    /// The rules, in the order given (a TOML file's order).
     pub fn rules(&self) -> &[Rule] {
         &self.rules
     }
@@ -259,11 +259,18 @@ impl Routing {
         Self::new(rules).map_err(|e| Error::new(e.kind(), format!("{ROUTES_ENV}: {}", e.message())))
     }
 
-    /// The rules in `SEAMBUS_ROUTES`, or `None` when it is unset or empty.
+    /// The rules in `SEAMBUS_ROUTES`, or `None` when it is unset or holds
+    /// no rule.
     pub fn from_env() -> Result<Option<Self>> {
         match std::env::var(ROUTES_ENV) {
-            Ok(v) if !v.trim().is_empty() => Self::parse_env(&v).map(Some),
-            _ => Ok(None),
+            Ok(v) => {
+                let routing = Self::parse_env(&v)?;
+                Ok((!routing.is_empty()).then_some(routing))
+            }
+            Err(std::env::VarError::NotPresent) => Ok(None),
+            Err(std::env::VarError::NotUnicode(_)) => {
+                Err(config(format!("{ROUTES_ENV} is not valid UTF-8")))
+            }
         }
     }
 

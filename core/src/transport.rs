@@ -736,10 +736,11 @@ pub mod support {
             return url.to_owned();
         };
         match rest.rsplit_once('@') {
-            Some((userinfo, host)) => {
-                let user = userinfo.split(':').next().unwrap_or("");
-                format!("{scheme}://{user}:<redacted>@{host}")
-            }
+            // `user:password@`: the user stays; a lone `token@` goes.
+            Some((userinfo, host)) => match userinfo.split_once(':') {
+                Some((user, _)) => format!("{scheme}://{user}:<redacted>@{host}"),
+                None => format!("{scheme}://<redacted>@{host}"),
+            },
             None => url.to_owned(),
         }
     }
@@ -748,6 +749,20 @@ pub mod support {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn urls_lose_their_secrets() {
+        use super::support::redact_url;
+        assert_eq!(
+            redact_url("amqp://guest:guest@host:5672/%2f"),
+            "amqp://guest:<redacted>@host:5672/%2f"
+        );
+        assert_eq!(
+            redact_url("nats://s3cr3t@host:4222"),
+            "nats://<redacted>@host:4222"
+        );
+        assert_eq!(redact_url("nats://host:4222"), "nats://host:4222");
+    }
 
     #[test]
     fn backoff_grows_and_is_capped() {

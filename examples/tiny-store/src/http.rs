@@ -12,7 +12,8 @@
 //! Errors are JSON, `{"error": "..."}`, with 400 (not JSON), 415 (no JSON
 //! content type), 422 (JSON of the wrong shape, or an order that cannot
 //! be), 404 (no such order, or the module runs elsewhere) or 503 (the order
-//! could not be stored or published; retry).
+//! could not be stored, or was stored but its event not published: see
+//! [`Orders::place`]; a retry places a new order).
 //!
 //! Orders move on by events: a new order answers `placed`, and reaches
 //! `shipped` or `cancelled` shortly after. Stock held for a cancelled order
@@ -112,8 +113,8 @@ async fn place(
 ) -> Result<Response, ApiError> {
     let Json(req) = body?;
     let orders = orders(&shop)?;
-    let id = orders.place(&req.customer, req.lines).await?;
-    created(orders, id).await
+    let order = orders.place(&req.customer, req.lines).await?;
+    Ok((StatusCode::CREATED, Json(order)).into_response())
 }
 
 async fn place_legacy(
@@ -122,19 +123,10 @@ async fn place_legacy(
 ) -> Result<Response, ApiError> {
     let Json(req) = body?;
     let orders = orders(&shop)?;
-    let id = orders
+    let order = orders
         .place_legacy(&req.sku, req.quantity, req.unit_price_cents)
         .await?;
-    created(orders, id).await
-}
-
-async fn created(orders: &Orders, id: Uuid) -> Result<Response, ApiError> {
-    match orders.get(id).await.map_err(internal)? {
-        Some(order) => Ok((StatusCode::CREATED, Json(order)).into_response()),
-        None => Err(internal(format!(
-            "order {id} was stored but cannot be read"
-        ))),
-    }
+    Ok((StatusCode::CREATED, Json(order)).into_response())
 }
 
 async fn order(

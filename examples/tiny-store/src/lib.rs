@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use seambus::routing::Routing;
+use seambus::transport::support::redact_url;
 use seambus::transport::Transport;
 use seambus::{Bus, InProcessTransport, Stats, IN_PROCESS};
 use tiny_store_inventory::Inventory;
@@ -70,8 +71,8 @@ impl Default for Brokers {
 impl fmt::Debug for Brokers {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Brokers")
-            .field("nats_url", &redact(&self.nats_url))
-            .field("rabbitmq_url", &redact(&self.rabbitmq_url))
+            .field("nats_url", &redact_url(&self.nats_url))
+            .field("rabbitmq_url", &redact_url(&self.rabbitmq_url))
             .field("kafka_brokers", &self.kafka_brokers)
             .finish()
     }
@@ -84,22 +85,11 @@ impl fmt::Debug for Settings {
             .field("routing", &self.routing.to_string())
             .field("brokers", &self.brokers)
             .field("namespace", &self.namespace)
-            .field("database_url", &self.database_url.as_deref().map(redact))
+            .field(
+                "database_url",
+                &self.database_url.as_deref().map(redact_url),
+            )
             .finish()
-    }
-}
-
-/// `scheme://user:secret@host/..` -> `scheme://user:***@host/..`.
-fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let Some((credentials, host)) = rest.rsplit_once('@') else {
-        return url.to_owned();
-    };
-    match credentials.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-        None => url.to_owned(),
     }
 }
 
@@ -308,8 +298,10 @@ impl Broker {
             Self::Nats(t) => t.delete_streams().await?,
             Self::RabbitMq(t) => t.delete_topology().await?,
             Self::Kafka(t, namespace) => {
-                let topics: Vec<String> =
-                    EVENTS.iter().map(|e| format!("{namespace}.{e}")).collect();
+                let topics: Vec<String> = FLOWS
+                    .iter()
+                    .map(|(e, _, _)| format!("{namespace}.{e}"))
+                    .collect();
                 let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
                 t.delete_topics(&topics).await?
             }
@@ -318,17 +310,41 @@ impl Broker {
     }
 }
 
-/// Every event name of the shop.
-pub const EVENTS: [&str; 8] = [
-    "orders.order_placed",
-    "orders.order_confirmed",
-    "orders.order_cancelled",
-    "inventory.stock_reserved",
-    "inventory.stock_rejected",
-    "payments.payment_captured",
-    "payments.payment_failed",
-    "shipments.order_shipped",
+/// Every event of the shop: its name, the module that publishes it, and
+/// the modules that handle it.
+pub const FLOWS: [(&str, &str, &[&str]); 8] = [
+    ("orders.order_placed", "orders", &["inventory"]),
+    ("orders.order_confirmed", "orders", &["shipments"]),
+    ("orders.order_cancelled", "orders", &["inventory"]),
+    ("inventory.stock_reserved", "inventory", &["payments"]),
+    ("inventory.stock_rejected", "inventory", &["orders"]),
+    ("payments.payment_captured", "payments", &["orders"]),
+    ("payments.payment_failed", "payments", &["orders"]),
+    ("shipments.order_shipped", "shipments", &["orders"]),
 ];
+
+/// An event between a module of this process and one of another process
+/// must travel on a broker: on an in-process route it would reach no one
+/// (or never arrive). A startup error, naming the event.
+fn check_crossings(bus: &Bus, settings: &Settings) -> Result<(), BoxError> {
+    for (event, publisher, handlers) in FLOWS {
+        let (mut local, mut remote) = (false, false);
+        for m in std::iter::once(publisher).chain(handlers.iter().copied()) {
+            let runs = settings.runs(m);
+            local |= runs;
+            remote |= !runs;
+        }
+        if local && remote && bus.route_of(event) == IN_PROCESS {
+            return Err(format!(
+                "`{event}` (published by {publisher}, handled by {}) crosses between this \
+                 process and another, but its route is in-process: route it to a broker",
+                handlers.join(", ")
+            )
+            .into());
+        }
+    }
+    Ok(())
+}
 
 /// The running shop: the bus and the modules this process runs.
 pub struct Shop {
@@ -360,6 +376,7 @@ impl Shop {
             brokers.extend(connected.broker);
         }
         let bus = builder.build()?;
+        check_crossings(&bus, settings)?;
         let storage = settings.storage();
         let mut shop = Self {
             orders: None,

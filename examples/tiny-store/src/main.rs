@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! tiny-store                                   # simulate 500 orders, all in-process
+//! tiny-store --modules shipments               # an extracted module: `run`
 //! tiny-store simulate --orders 2000
 //! tiny-store serve --addr 127.0.0.1:8080
 //! tiny-store --config tiny-store.toml --modules shipments run
@@ -41,7 +42,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Place N orders, wait until each is shipped or cancelled, print a
-    /// per-module summary and check the books (the default command).
+    /// per-module summary and check the books (the default command when
+    /// this process runs the orders module; `run` otherwise).
     Simulate {
         /// How many orders.
         #[arg(long, default_value_t = 500)]
@@ -113,13 +115,21 @@ async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
     if let Some(url) = cli.database_url {
         settings.database_url = Some(url);
     }
-    let command = cli.command.unwrap_or(Command::Simulate {
-        orders: 500,
-        seed: 7,
-        concurrency: 16,
-        timeout: 120,
-        quiet: false,
-    });
+    // No command: simulate where orders are taken here, else just handle
+    // events (`tiny-store --modules shipments` is an extracted module).
+    let command = cli
+        .command
+        .unwrap_or(if settings.runs(tiny_store_orders::MODULE) {
+            Command::Simulate {
+                orders: 500,
+                seed: 7,
+                concurrency: 16,
+                timeout: 120,
+                quiet: false,
+            }
+        } else {
+            Command::Run
+        });
     if matches!(command, Command::Reset) {
         // Every module, so every queue is declared and then deleted; data in
         // memory only, so events consumed meanwhile touch no database.
@@ -161,10 +171,11 @@ async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
                 simulate::seed(&shop, &plan).await?;
             }
             let listener = tokio::net::TcpListener::bind(&addr).await?;
+            let stop = stop_signal();
             println!("tiny-store: listening on http://{}", listener.local_addr()?);
             println!("tiny-store: ready");
             let served = axum::serve(listener, tiny_store::http::router(shop.clone()))
-                .with_graceful_shutdown(stop_signal())
+                .with_graceful_shutdown(stop)
                 .await;
             if let Err(e) = served {
                 eprintln!("tiny-store: the HTTP server failed: {e}");
@@ -174,8 +185,9 @@ async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
             }
         }
         Command::Run => {
+            let stop = stop_signal();
             println!("tiny-store: ready");
-            stop_signal().await;
+            stop.await;
             ExitCode::SUCCESS
         }
         Command::Reset => {
@@ -262,26 +274,21 @@ fn cents(c: u64) -> String {
     format!("{}.{:02}", c / 100, c % 100)
 }
 
-/// Ctrl-C or SIGTERM.
-async fn stop_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Ctrl-C or SIGTERM. The handlers are installed when this is called, so
+/// call it before saying "ready".
+fn stop_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let ctrl_c = tokio::signal::ctrl_c();
+    async move {
+        #[cfg(unix)]
+        if let Some(mut term) = term {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+            return;
         }
-    }
-    #[cfg(not(unix))]
-    {
         let _ = ctrl_c.await;
     }
 }

@@ -153,7 +153,7 @@ pub async fn run(
         })
         .buffer_unordered(plan.concurrency.max(1));
     while let Some(result) = results.next().await {
-        placed.push(result?);
+        placed.push(result?.order_id);
         on_progress(Progress::Placed(placed.len()));
     }
     let settled = orders
@@ -189,13 +189,27 @@ pub async fn audit(shop: &Shop, initial: &StockCounts, report: &Report) -> Resul
     else {
         return Err("the audit needs inventory, payments and shipments in this process".into());
     };
+    // A cancellation releases the stock by a later event: wait for it.
+    let cancelled: Vec<_> = report
+        .orders
+        .iter()
+        .filter(|o| o.state == OrderState::Cancelled)
+        .map(|o| o.order_id)
+        .collect();
+    let mut a = Audit::default();
+    let holding = inventory
+        .wait_released(&cancelled, Duration::from_secs(60))
+        .await?;
+    if holding > 0 {
+        a.problems
+            .push(format!("{holding} cancelled orders still hold stock"));
+    }
     let levels = inventory.levels().await?;
     // Only this run's orders (a database may hold earlier runs).
     let mut paid = payments.payments().await?;
     paid.retain(|id, _| report.placed.contains(id));
     let mut shipped = shipments.shipments().await?;
     shipped.retain(|id, _| report.placed.contains(id));
-    let mut a = Audit::default();
     if !report.all_settled() {
         let open = report.placed.len()
             - report.count(OrderState::Shipped)

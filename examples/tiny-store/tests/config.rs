@@ -65,6 +65,18 @@ async fn bad_configuration_is_a_startup_error_that_names_the_culprit() {
     );
     assert!(err.to_string().contains("nats, rabbitmq, kafka"), "{err}");
 
+    // A module split with an in-process route between the halves.
+    let s = Settings::default().with_modules("shipments").unwrap();
+    let err = Shop::start(&s)
+        .await
+        .err()
+        .expect("a crossing on an in-process route");
+    assert!(
+        err.to_string().contains("`orders.order_confirmed`"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("route it to a broker"), "{err}");
+
     let mut s = Settings::default();
     let err = s
         .apply_toml("[routes]\n\"orders.*\" = \"nats\"\n\"orders.order_placed\" = \"kafka\"")
@@ -84,14 +96,15 @@ async fn bad_configuration_is_a_startup_error_that_names_the_culprit() {
 
 #[test]
 fn debug_output_hides_passwords() {
-    let s = Settings {
+    let mut s = Settings {
         database_url: Some("postgres://shop:s3cret@db/shop".into()),
         ..Settings::default()
     };
+    s.brokers.nats_url = "nats://t0ken@nats:4222".into();
     let text = format!("{s:?}");
     assert!(
         !text.contains("s3cret") && !text.contains("guest:guest"),
         "{text}"
     );
-    assert!(text.contains("shop:***@db"), "{text}");
+    assert!(text.contains("shop:<redacted>@db"), "{text}");
 }

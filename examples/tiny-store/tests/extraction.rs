@@ -3,7 +3,9 @@
 //! sharing a broker route for the events that cross between them. The
 //! shipments process is stopped for a while (cleanly, then by a crash) and
 //! started again: every order placed in the first process is still shipped
-//! by the second, once.
+//! by the second, once (the shipments process keeps its data in its
+//! PostgreSQL schema, so a redelivery after a crash finds the shipment it
+//! made).
 
 mod common;
 
@@ -48,6 +50,10 @@ async fn extraction(broker: &str) {
     if !common::broker_ready(broker, &settings) {
         return;
     }
+    let database = common::database_url();
+    let Some(db) = common::postgres(&database).await else {
+        return;
+    };
     let routes = routes(broker);
     let env = [
         ("SEAMBUS_ROUTES", routes.as_str()),
@@ -60,7 +66,11 @@ async fn extraction(broker: &str) {
     ];
     // The extracted module first: its queue must exist before the first
     // confirmation is published (RabbitMQ refuses an unroutable event).
-    let mut shipping = Server::spawn(&["--modules", "shipments", "run"], &env);
+    let mut shipping_env = env.to_vec();
+    shipping_env.push(("TINY_STORE_DATABASE_URL", database.as_str()));
+    let shipping_env = &shipping_env[..];
+    // No command: a process without the orders module just handles events.
+    let mut shipping = Server::spawn(&["--modules", "shipments"], shipping_env);
     let mut shop = Server::spawn(
         &[
             "--modules",
@@ -86,13 +96,15 @@ async fn extraction(broker: &str) {
         shop.wait_state(id, "confirmed").await;
     }
     placed.extend(waiting);
-    let mut shipping = Server::spawn(&["--modules", "shipments", "run"], &env);
+    let mut shipping = Server::spawn(&["--modules", "shipments", "run"], shipping_env);
 
-    // Crashed while orders flow: what it held unacknowledged comes back.
+    // Crashed while orders flow (once the first of them has shipped): what
+    // it held unacknowledged comes back to the next process.
     let flowing = place_orders(&shop, 10).await;
+    shop.wait_state(&flowing[0], "shipped").await;
     shipping.crash();
     placed.extend(flowing);
-    let _shipping = Server::spawn(&["--modules", "shipments", "run"], &env);
+    let _shipping = Server::spawn(&["--modules", "shipments", "run"], shipping_env);
 
     let mut tracking = HashSet::new();
     for id in &placed {
@@ -103,11 +115,29 @@ async fn extraction(broker: &str) {
     assert_eq!(placed.len(), 30);
     // Every order has its own shipment (a number is never reused).
     assert_eq!(tracking.len(), placed.len());
+    // Shipped once: one shipment per order, the one the order knows.
+    let schema = format!("{}_shipments", settings.namespace);
+    let rows = db
+        .query(
+            &format!("SELECT order_id::text, tracking_number FROM {schema}.shipments"),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), placed.len(), "one shipment per order");
     for order in states(&shop, &placed).await {
-        assert_eq!(order["state"], "shipped");
+        let id = order["order_id"].as_str().unwrap();
+        let row = rows.iter().find(|r| r.get::<_, String>(0) == id).unwrap();
+        assert_eq!(
+            order["tracking_number"].as_str(),
+            Some(row.get::<_, &str>(1))
+        );
     }
     shop.stop_cleanly();
     drop(_shipping);
+    db.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .await
+        .unwrap();
     let mut reset = Server::spawn(&["reset"], &env);
     reset.wait_for_line("tiny-store: broker state of namespace");
 }

@@ -12,32 +12,10 @@ use tiny_store::simulate::{self, Plan};
 use tiny_store::Shop;
 use tiny_store_orders::OrderState;
 
-fn database_url() -> String {
-    std::env::var("TINY_STORE_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
-
-async fn connect(url: &str) -> Option<tokio_postgres::Client> {
-    match tokio_postgres::connect(url, tokio_postgres::NoTls).await {
-        Ok((client, connection)) => {
-            tokio::spawn(connection);
-            Some(client)
-        }
-        Err(e) => {
-            let why = format!("PostgreSQL unavailable at {url}: {e}");
-            if std::env::var("SEAMBUS_REQUIRE_BROKERS").is_ok_and(|v| v == "1") {
-                panic!("required (SEAMBUS_REQUIRE_BROKERS=1): {why}");
-            }
-            eprintln!("SKIPPED: {why}");
-            None
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_module_owns_a_schema_and_the_books_balance() {
-    let url = database_url();
-    let Some(admin) = connect(&url).await else {
+    let url = common::database_url();
+    let Some(admin) = common::postgres(&url).await else {
         return;
     };
     let mut settings = common::settings("pg", "");

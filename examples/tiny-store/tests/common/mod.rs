@@ -73,6 +73,34 @@ pub fn settings(test: &str, routes: &str) -> Settings {
         s.brokers.kafka_brokers = v;
     }
     s.routing = seambus::routing::Routing::parse_env(routes).expect("routes");
+    // In memory unless a test says otherwise.
+    s.database_url = None;
     s.namespace = namespace(test);
     s
+}
+
+/// The PostgreSQL the tests use.
+pub fn database_url() -> String {
+    std::env::var("TINY_STORE_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// A connection, or `None` (skip) when PostgreSQL is absent; panics
+/// instead under `SEAMBUS_REQUIRE_BROKERS=1`.
+pub async fn postgres(url: &str) -> Option<tokio_postgres::Client> {
+    match tokio_postgres::connect(url, tokio_postgres::NoTls).await {
+        Ok((client, connection)) => {
+            tokio::spawn(connection);
+            Some(client)
+        }
+        Err(e) => {
+            let url = seambus::transport::support::redact_url(url);
+            let why = format!("PostgreSQL unavailable at {url}: {e}");
+            if std::env::var("SEAMBUS_REQUIRE_BROKERS").is_ok_and(|v| v == "1") {
+                panic!("required (SEAMBUS_REQUIRE_BROKERS=1): {why}");
+            }
+            eprintln!("SKIPPED: {why}");
+            None
+        }
+    }
 }

@@ -55,7 +55,7 @@ impl Server {
     /// Starts `tiny-store` with `args` and `env` (on top of a
     /// clean environment: in-process routes, memory storage), and waits
     /// until it is ready: for `serve`, until it says where it listens; for
-    /// `run`, until it says it is ready; other commands, not at all.
+    /// `reset`, not at all; otherwise (`run`), until it says it is ready.
     pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tiny-store"))
             .args(args)
@@ -90,11 +90,11 @@ impl Server {
                 .build()
                 .expect("cannot build the HTTP client"),
         };
-        if args.contains(&"run") {
-            server.wait_for_line("tiny-store: ready");
+        if args.contains(&"reset") {
             return server;
         }
         if !args.contains(&"serve") {
+            server.wait_for_line("tiny-store: ready");
             return server;
         }
         let line = server.wait_for_line("tiny-store: listening on http://");

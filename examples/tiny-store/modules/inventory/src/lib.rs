@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use tiny_store_inventory_contract::{StockRejected, StockReserved};
 use tiny_store_orders_contract::{OrderCancelled, OrderLine, OrderPlaced};
 use tiny_store_platform::{lock, module_pool, BoxError, Started, Storage};
+use tokio::sync::watch;
 use uuid::Uuid;
 
 /// The module's name on the bus.
@@ -33,6 +34,8 @@ pub struct Inventory {
 struct Inner {
     module: Module,
     store: Store,
+    /// Bumped whenever a reservation is released.
+    released: watch::Sender<u64>,
 }
 
 enum Store {
@@ -82,6 +85,7 @@ impl Inventory {
             inner: Arc::new(Inner {
                 module: bus.module(MODULE),
                 store,
+                released: watch::Sender::new(0),
             }),
         })
     }
@@ -277,6 +281,8 @@ impl Inventory {
                     level.reserved -= u64::from(l.quantity);
                 }
                 m.reservations.insert(order_id, Reservation::Released);
+                drop(m);
+                self.inner.released.send_modify(|n| *n += 1);
                 Ok(())
             }
             Store::Postgres(pool) => {
@@ -290,7 +296,10 @@ impl Inventory {
                     )
                     .await?;
                 if let Some(row) = row {
-                    let lines: Vec<OrderLine> = serde_json::from_str(row.try_get(0)?)?;
+                    let mut lines: Vec<OrderLine> = serde_json::from_str(row.try_get(0)?)?;
+                    // The order `reserve` locks rows in, so the two never
+                    // deadlock.
+                    lines.sort_by(|a, b| a.sku.cmp(&b.sku));
                     for l in &lines {
                         tx.execute(
                             "UPDATE stock SET available = available + $2, reserved = reserved - $2 \
@@ -301,7 +310,57 @@ impl Inventory {
                     }
                 }
                 tx.commit().await?;
+                self.inner.released.send_modify(|n| *n += 1);
                 Ok(())
+            }
+        }
+    }
+
+    /// How many of `orders` still hold stock.
+    pub async fn holding(&self, orders: &[Uuid]) -> Result<usize, BoxError> {
+        match &self.inner.store {
+            Store::Memory(m) => {
+                let m = lock(m);
+                Ok(orders
+                    .iter()
+                    .filter(|id| matches!(m.reservations.get(id), Some(Reservation::Held(_))))
+                    .count())
+            }
+            Store::Postgres(pool) => {
+                let row = pool
+                    .get()
+                    .await?
+                    .query_one(
+                        "SELECT count(*) FROM reservations WHERE state = 'held' AND order_id = ANY($1)",
+                        &[&orders],
+                    )
+                    .await?;
+                Ok(usize::try_from(row.try_get::<_, i64>(0)?)?)
+            }
+        }
+    }
+
+    /// Waits until none of `orders` holds stock (they were cancelled and
+    /// the release is on its way), or until `timeout`; returns how many
+    /// still do.
+    pub async fn wait_released(
+        &self,
+        orders: &[Uuid],
+        timeout: std::time::Duration,
+    ) -> Result<usize, BoxError> {
+        let mut changes = self.inner.released.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            changes.mark_unchanged();
+            let holding = self.holding(orders).await?;
+            if holding == 0 {
+                return Ok(0);
+            }
+            if tokio::time::timeout_at(deadline, changes.changed())
+                .await
+                .is_err()
+            {
+                return Ok(holding);
             }
         }
     }

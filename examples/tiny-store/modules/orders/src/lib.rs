@@ -191,19 +191,25 @@ impl Orders {
         })
     }
 
-    /// Places an order: stores it, then publishes `OrderPlaced` (v2).
-    pub async fn place(&self, customer: &str, lines: Vec<OrderLine>) -> Result<Uuid, PlaceError> {
+    /// Places an order: stores it, then publishes `OrderPlaced` (v2), and
+    /// returns it as stored.
+    ///
+    /// There is no outbox: when the publish fails (the error says so), the
+    /// order stays `placed` and nothing else happens to it. A production
+    /// shop would store the event with the order in one transaction and
+    /// publish from that table.
+    pub async fn place(&self, customer: &str, lines: Vec<OrderLine>) -> Result<Order, PlaceError> {
         check(customer, &lines)?;
         let order = self.store_new(customer, lines).await?;
         let event = OrderPlaced {
             order_id: order.order_id,
-            customer: order.customer,
-            lines: order.lines,
+            customer: order.customer.clone(),
+            lines: order.lines.clone(),
         };
         self.publish(order.order_id, event)
             .await
             .map_err(|e| PlaceError::Unavailable(e.into()))?;
-        Ok(order.order_id)
+        Ok(order)
     }
 
     /// The old checkout: one SKU, no customer, and it still publishes
@@ -213,7 +219,7 @@ impl Orders {
         sku: &str,
         quantity: u32,
         unit_price_cents: u64,
-    ) -> Result<Uuid, PlaceError> {
+    ) -> Result<Order, PlaceError> {
         let line = OrderLine {
             sku: sku.to_owned(),
             quantity,
@@ -235,7 +241,7 @@ impl Orders {
         self.publish(order.order_id, event)
             .await
             .map_err(|e| PlaceError::Unavailable(e.into()))?;
-        Ok(order.order_id)
+        Ok(order)
     }
 
     /// One order.
@@ -483,6 +489,8 @@ impl Orders {
                     )
                     .await
                     .map_err(HandlerError::retry)?;
+                // One pooled connection at a time: `get` takes its own.
+                drop(client);
                 match updated {
                     Some(row) => Moved::Now(from_row(&row).map_err(HandlerError::reject)?),
                     None => match self.get(order_id).await.map_err(HandlerError::retry)? {

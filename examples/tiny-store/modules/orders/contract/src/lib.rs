@@ -17,9 +17,10 @@ pub struct OrderLine {
 }
 
 impl OrderLine {
-    /// `quantity * unit_price_cents`.
+    /// `quantity * unit_price_cents` (saturating: a forged event cannot
+    /// overflow it).
     pub fn total_cents(&self) -> u64 {
-        u64::from(self.quantity) * self.unit_price_cents
+        u64::from(self.quantity).saturating_mul(self.unit_price_cents)
     }
 }
 
@@ -71,7 +72,9 @@ impl From<OrderPlacedV1> for OrderPlaced {
 impl OrderPlaced {
     /// The sum of the lines.
     pub fn total_cents(&self) -> u64 {
-        self.lines.iter().map(OrderLine::total_cents).sum()
+        self.lines
+            .iter()
+            .fold(0, |sum, l| sum.saturating_add(l.total_cents()))
     }
 }
 
