@@ -81,6 +81,22 @@ pub async fn module_pool(url: &str, schema: &str, migration: &str) -> Result<Poo
     Ok(pool)
 }
 
+/// The pool of module `module` when `storage` is PostgreSQL (its schema
+/// created and migrated), `None` when data stays in memory.
+pub async fn open_pool(
+    storage: &Storage,
+    module: &str,
+    migration: &str,
+) -> Result<Option<Pool>, BoxError> {
+    match storage {
+        Storage::Memory => Ok(None),
+        Storage::Postgres { url, schema_prefix } => {
+            let schema = format!("{schema_prefix}{module}");
+            Ok(Some(module_pool(url, &schema, migration).await?))
+        }
+    }
+}
+
 /// A module that is running: its name and its subscriptions.
 pub struct Started {
     /// The module's name.

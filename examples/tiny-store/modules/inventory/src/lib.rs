@@ -9,7 +9,7 @@ use seambus::{Bus, HandlerError, Module, PublishOptions, Received};
 use serde::{Deserialize, Serialize};
 use tiny_store_inventory_contract::{StockRejected, StockReserved};
 use tiny_store_orders_contract::{OrderCancelled, OrderLine, OrderPlaced};
-use tiny_store_platform::{lock, module_pool, BoxError, Started, Storage};
+use tiny_store_platform::{lock, open_pool, BoxError, Started, Storage};
 use tokio::sync::watch;
 use uuid::Uuid;
 
@@ -74,12 +74,9 @@ CREATE TABLE IF NOT EXISTS reservations (
 impl Inventory {
     /// Opens the module's storage (creating its schema on PostgreSQL).
     pub async fn open(bus: &Bus, storage: &Storage) -> Result<Self, BoxError> {
-        let store = match storage {
-            Storage::Memory => Store::Memory(Mutex::default()),
-            Storage::Postgres { url, .. } => {
-                let schema = storage.schema(MODULE).unwrap_or_default();
-                Store::Postgres(module_pool(url, &schema, MIGRATION).await?)
-            }
+        let store = match open_pool(storage, MODULE, MIGRATION).await? {
+            None => Store::Memory(Mutex::default()),
+            Some(pool) => Store::Postgres(pool),
         };
         Ok(Self {
             inner: Arc::new(Inner {

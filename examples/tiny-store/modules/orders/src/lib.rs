@@ -13,7 +13,7 @@ use tiny_store_orders_contract::{
     OrderCancelled, OrderConfirmed, OrderLine, OrderPlaced, OrderPlacedV1,
 };
 use tiny_store_payments_contract::{PaymentCaptured, PaymentFailed};
-use tiny_store_platform::{lock, module_pool, BoxError, Started, Storage};
+use tiny_store_platform::{lock, open_pool, BoxError, Started, Storage};
 use tiny_store_shipments_contract::OrderShipped;
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -146,12 +146,9 @@ enum Moved {
 impl Orders {
     /// Opens the module's storage (creating its schema on PostgreSQL).
     pub async fn open(bus: &Bus, storage: &Storage) -> Result<Self, BoxError> {
-        let store = match storage {
-            Storage::Memory => Store::Memory(Mutex::default()),
-            Storage::Postgres { url, .. } => {
-                let schema = storage.schema(MODULE).unwrap_or_default();
-                Store::Postgres(module_pool(url, &schema, MIGRATION).await?)
-            }
+        let store = match open_pool(storage, MODULE, MIGRATION).await? {
+            None => Store::Memory(Mutex::default()),
+            Some(pool) => Store::Postgres(pool),
         };
         Ok(Self {
             inner: Arc::new(Inner {

@@ -8,7 +8,7 @@ use deadpool_postgres::Pool;
 use seambus::{Bus, HandlerError, Module, PublishOptions, Received};
 use tiny_store_inventory_contract::StockReserved;
 use tiny_store_payments_contract::{PaymentCaptured, PaymentFailed};
-use tiny_store_platform::{lock, module_pool, BoxError, Started, Storage};
+use tiny_store_platform::{lock, open_pool, BoxError, Started, Storage};
 use uuid::Uuid;
 
 /// The module's name on the bus.
@@ -57,12 +57,9 @@ CREATE TABLE IF NOT EXISTS payments (
 impl Payments {
     /// Opens the module's storage (creating its schema on PostgreSQL).
     pub async fn open(bus: &Bus, storage: &Storage) -> Result<Self, BoxError> {
-        let store = match storage {
-            Storage::Memory => Store::Memory(Mutex::default()),
-            Storage::Postgres { url, .. } => {
-                let schema = storage.schema(MODULE).unwrap_or_default();
-                Store::Postgres(module_pool(url, &schema, MIGRATION).await?)
-            }
+        let store = match open_pool(storage, MODULE, MIGRATION).await? {
+            None => Store::Memory(Mutex::default()),
+            Some(pool) => Store::Postgres(pool),
         };
         Ok(Self {
             inner: Arc::new(Inner {

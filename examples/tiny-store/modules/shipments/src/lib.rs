@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use deadpool_postgres::Pool;
 use seambus::{Bus, HandlerError, Module, PublishOptions, Received};
 use tiny_store_orders_contract::OrderConfirmed;
-use tiny_store_platform::{lock, module_pool, BoxError, Started, Storage};
+use tiny_store_platform::{lock, open_pool, BoxError, Started, Storage};
 use tiny_store_shipments_contract::OrderShipped;
 use uuid::Uuid;
 
@@ -40,12 +40,9 @@ CREATE TABLE IF NOT EXISTS shipments (
 impl Shipments {
     /// Opens the module's storage (creating its schema on PostgreSQL).
     pub async fn open(bus: &Bus, storage: &Storage) -> Result<Self, BoxError> {
-        let store = match storage {
-            Storage::Memory => Store::Memory(Mutex::default()),
-            Storage::Postgres { url, .. } => {
-                let schema = storage.schema(MODULE).unwrap_or_default();
-                Store::Postgres(module_pool(url, &schema, MIGRATION).await?)
-            }
+        let store = match open_pool(storage, MODULE, MIGRATION).await? {
+            None => Store::Memory(Mutex::default()),
+            Some(pool) => Store::Postgres(pool),
         };
         Ok(Self {
             inner: Arc::new(Inner {
