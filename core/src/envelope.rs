@@ -52,6 +52,21 @@ pub struct Attributes {
     pub headers: Vec<(String, String)>,
 }
 
+/// Orders the UUIDv7 ids of this process (as `Uuid::now_v7` does), from a
+/// clock reading the caller already has.
+static IDS: std::sync::Mutex<uuid::ContextV7> = std::sync::Mutex::new(uuid::ContextV7::new());
+
+fn id_at(now: std::time::SystemTime) -> Uuid {
+    let since = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    Uuid::new_v7(uuid::Timestamp::from_unix(
+        &IDS,
+        since.as_secs(),
+        since.subsec_nanos(),
+    ))
+}
+
 impl Attributes {
     /// Attributes with a fresh UUIDv7 id, the current time and JSON content.
     pub fn new(
@@ -59,11 +74,13 @@ impl Attributes {
         event_type: impl Into<Cow<'static, str>>,
         data_version: u32,
     ) -> Self {
+        // One clock reading gives both the time and the id's timestamp.
+        let now = std::time::SystemTime::now();
         Self {
-            id: Uuid::now_v7(),
+            id: id_at(now),
             source: source.into(),
             event_type: event_type.into(),
-            time: Utc::now(),
+            time: DateTime::<Utc>::from(now),
             data_content_type: Cow::Borrowed(crate::codec::JSON_CONTENT_TYPE),
             subject: None,
             data_version,

@@ -69,6 +69,25 @@ pub fn validate_name(name: &str) -> Result<()> {
     Ok(())
 }
 
+/// What [`validate_name`] accepts, as a `const fn`, so a publish checks a
+/// type's constant name at compile time instead of on every call.
+pub(crate) const fn name_is_valid(name: &str) -> bool {
+    let b = name.as_bytes();
+    if b.is_empty() || b.len() > 200 || b[0] == b'.' || b[b.len() - 1] == b'.' {
+        return false;
+    }
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        let ok = c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'_' | b'-' | b'.');
+        if !ok || (c == b'.' && i + 1 < b.len() && b[i + 1] == b'.') {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
 /// Checks a user header: the name is a non-empty token of visible ASCII
 /// without `:`; neither name nor value has CR, LF or NUL (they would split
 /// or truncate headers on the wire).
@@ -115,6 +134,32 @@ mod tests {
             validate_name(&"a".repeat(201)).unwrap_err().kind(),
             ErrorKind::InvalidName
         );
+    }
+
+    #[test]
+    fn the_const_check_agrees_with_validate_name() {
+        let long = "a".repeat(200);
+        let too_long = "a".repeat(201);
+        for name in [
+            "orders",
+            "orders.order_placed",
+            "a-b.c_d.v2",
+            "",
+            ".",
+            "..",
+            "Orders",
+            "orders..x",
+            ".x",
+            "x.",
+            "orders.*",
+            "a b",
+            "ä",
+            "x",
+            long.as_str(),
+            too_long.as_str(),
+        ] {
+            assert_eq!(name_is_valid(name), validate_name(name).is_ok(), "{name:?}");
+        }
     }
 
     #[test]

@@ -4,14 +4,16 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::future::Future;
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::task::Poll;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -128,9 +130,9 @@ struct Shared {
     /// Held shared while a publish checks `closed`, takes queue slots and
     /// pushes; shutdown takes it exclusively once, so no publish that saw
     /// the transport open can push after the drain began.
-    gate: tokio::sync::RwLock<()>,
+    gate: Gate,
     /// Fired when the shutdown deadline passes: in-flight work is abandoned.
-    stop: CancellationToken,
+    stop: Signal,
     hasher: std::collections::hash_map::RandomState,
 }
 
@@ -151,7 +153,7 @@ struct Group {
     id: GroupId,
     event_type: String,
     ordered: bool,
-    permits: Semaphore,
+    slots: Slots,
     state: Mutex<GroupState>,
     /// Workers wait here for work.
     work: Notify,
@@ -185,6 +187,163 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // written (every critical section is a few plain moves), so a poisoned
     // lock is still usable.
     m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A one-way signal whose hot-path check is one atomic load (a
+/// `CancellationToken` check takes a lock), awaitable through the token.
+#[derive(Default)]
+struct Signal {
+    set: AtomicBool,
+    token: CancellationToken,
+}
+
+impl Signal {
+    fn fire(&self) {
+        self.set.store(true, SeqCst);
+        self.token.cancel();
+    }
+
+    fn is_set(&self) -> bool {
+        self.set.load(SeqCst)
+    }
+
+    fn fired(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.token.cancelled()
+    }
+}
+
+/// A group's queue slots: a counter and a wakeup, cheaper on the hot path
+/// than a semaphore (taking and giving back a slot are a few atomic
+/// operations, no lock). Not FIFO-fair among publishers waiting for room.
+struct Slots {
+    free: AtomicUsize,
+    closed: AtomicBool,
+    room: Notify,
+}
+
+impl Slots {
+    fn new(n: usize) -> Self {
+        Self {
+            free: AtomicUsize::new(n),
+            closed: AtomicBool::new(false),
+            room: Notify::new(),
+        }
+    }
+
+    /// Takes a slot if one is free and the queue is open.
+    fn try_take(&self) -> bool {
+        if self.closed.load(SeqCst) {
+            return false;
+        }
+        self.free
+            .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
+    /// Waits for a slot; `false` once the queue is closed.
+    async fn take(&self) -> bool {
+        loop {
+            if self.try_take() {
+                return true;
+            }
+            let room = self.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            if self.closed.load(SeqCst) {
+                return false;
+            }
+            if self.try_take() {
+                return true;
+            }
+            room.await;
+        }
+    }
+
+    fn give_back(&self, n: usize) {
+        self.free.fetch_add(n, SeqCst);
+        // Without a waiter this stores one wakeup (atomics only), which a
+        // later waiter consumes and re-checks.
+        self.room.notify_one();
+    }
+
+    fn close(&self) {
+        self.closed.store(true, SeqCst);
+        self.room.notify_waiters();
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(SeqCst)
+    }
+}
+
+/// Lets publishes through until shutdown, then waits for those inside to
+/// leave: an atomic count, no lock on the hot path. A publish counts itself
+/// in, then checks `closed`; shutdown sets `closed`, then waits for the
+/// count to reach zero (both sequentially consistent, so one of the two
+/// always sees the other).
+#[derive(Default)]
+struct Gate {
+    inside: AtomicUsize,
+    closed: AtomicBool,
+    left: Notify,
+}
+
+/// One publish inside the [`Gate`].
+struct Pass<'a>(&'a Gate);
+
+impl Gate {
+    fn enter(&self) -> Option<Pass<'_>> {
+        self.inside.fetch_add(1, SeqCst);
+        let pass = Pass(self);
+        if self.closed.load(SeqCst) {
+            return None;
+        }
+        Some(pass)
+    }
+
+    /// Closes the gate and waits until no publish is inside.
+    async fn close(&self) {
+        self.closed.store(true, SeqCst);
+        loop {
+            let left = self.left.notified();
+            tokio::pin!(left);
+            left.as_mut().enable();
+            if self.inside.load(SeqCst) == 0 {
+                return;
+            }
+            left.await;
+        }
+    }
+}
+
+impl Drop for Pass<'_> {
+    fn drop(&mut self) {
+        if self.0.inside.fetch_sub(1, SeqCst) == 1 && self.0.closed.load(SeqCst) {
+            self.0.left.notify_waiters();
+        }
+    }
+}
+
+/// Slots taken from the first `n` groups, given back unless kept (a publish
+/// cancelled or failed while it waits for room loses no slot).
+struct Taken<'a> {
+    groups: &'a [Arc<Group>],
+    n: usize,
+}
+
+impl Taken<'_> {
+    /// The slots now belong to the pushed deliveries.
+    fn keep(mut self) {
+        self.n = 0;
+    }
+}
+
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        for g in &self.groups[..self.n] {
+            g.slots.give_back(1);
+        }
+    }
 }
 
 impl Group {
@@ -239,7 +398,7 @@ impl Group {
         st.outstanding -= 1;
         let idle = st.outstanding == 0;
         drop(st);
-        self.permits.add_permits(1);
+        self.slots.give_back(1);
         if successor {
             self.work.notify_one();
         }
@@ -322,7 +481,7 @@ impl Group {
 impl InProcessTransport {
     /// A transport with `config`.
     pub fn new(mut config: InProcessConfig) -> Self {
-        config.queue_capacity = config.queue_capacity.clamp(1, Semaphore::MAX_PERMITS);
+        config.queue_capacity = config.queue_capacity.max(1);
         Self {
             shared: Arc::new(Shared {
                 config,
@@ -330,8 +489,8 @@ impl InProcessTransport {
                 groups: Mutex::default(),
                 dead: Mutex::default(),
                 closed: AtomicBool::new(false),
-                gate: tokio::sync::RwLock::new(()),
-                stop: CancellationToken::new(),
+                gate: Gate::default(),
+                stop: Signal::default(),
                 hasher: Default::default(),
             }),
         }
@@ -415,13 +574,6 @@ impl Shared {
     }
 }
 
-/// Releases permits taken from groups `0..n` after a failed publish.
-fn give_back(groups: &[Arc<Group>]) {
-    for g in groups {
-        g.permits.add_permits(1);
-    }
-}
-
 #[async_trait]
 impl Transport for InProcessTransport {
     fn name(&self) -> &str {
@@ -441,62 +593,72 @@ impl Transport for InProcessTransport {
     }
 
     fn try_publish(&self, envelope: Envelope) -> TryPublish {
-        let Ok(_open) = self.shared.gate.try_read() else {
-            return TryPublish::Pending(envelope);
+        let Some(_pass) = self.shared.gate.enter() else {
+            return TryPublish::Done(Err(Shared::closed_error()));
         };
         if self.shared.closed.load(SeqCst) {
             return TryPublish::Done(Err(Shared::closed_error()));
         }
-        let Some(topic) = self.topic(envelope.event_type()) else {
+        // The read lock is held while pushing (no await here), so the
+        // topic's lists are used in place rather than cloned.
+        let topics = self
+            .shared
+            .topics
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        let Some(topic) = topics.get(envelope.event_type()) else {
             return TryPublish::Done(Ok(()));
         };
         if !topic.inline.is_empty() {
             return TryPublish::Pending(envelope);
         }
-        for (i, g) in topic.queued.iter().enumerate() {
-            match g.permits.try_acquire() {
-                Ok(permit) => permit.forget(),
-                Err(_) => {
-                    give_back(&topic.queued[..i]);
-                    if self.shared.config.when_full == WhenFull::Fail || g.permits.is_closed() {
-                        return TryPublish::Done(Err(full_or_closed(g)));
-                    }
-                    return TryPublish::Pending(envelope);
-                }
-            }
-        }
+        let mut taken = Taken {
+            groups: &topic.queued,
+            n: 0,
+        };
         for g in topic.queued.iter() {
-            g.push(envelope.clone(), 1);
+            if !g.slots.try_take() {
+                if self.shared.config.when_full == WhenFull::Fail || g.slots.is_closed() {
+                    return TryPublish::Done(Err(full_or_closed(g)));
+                }
+                return TryPublish::Pending(envelope);
+            }
+            taken.n += 1;
         }
+        taken.keep();
+        push_all(&topic.queued, envelope);
         TryPublish::Done(Ok(()))
     }
 
     async fn publish(&self, envelope: Envelope) -> Result<()> {
-        let open = self.shared.gate.read().await;
+        let Some(pass) = self.shared.gate.enter() else {
+            return Err(Shared::closed_error());
+        };
         if self.shared.closed.load(SeqCst) {
             return Err(Shared::closed_error());
         }
         let Some(topic) = self.topic(envelope.event_type()) else {
             return Ok(());
         };
-        // Permits are kept (not forgotten) until every group has room, so a
-        // publish cancelled while it waits gives all of them back.
-        let mut permits = Vec::with_capacity(topic.queued.len());
+        // Slots are given back unless every group has room, so a publish
+        // cancelled while it waits loses none.
+        let mut taken = Taken {
+            groups: &topic.queued,
+            n: 0,
+        };
         for g in topic.queued.iter() {
-            let taken = match self.shared.config.when_full {
-                WhenFull::Wait => g.permits.acquire().await.ok(),
-                WhenFull::Fail => g.permits.try_acquire().ok(),
+            let room = match self.shared.config.when_full {
+                WhenFull::Wait => g.slots.take().await,
+                WhenFull::Fail => g.slots.try_take(),
             };
-            match taken {
-                Some(permit) => permits.push(permit),
-                None => return Err(full_or_closed(g)),
+            if !room {
+                return Err(full_or_closed(g));
             }
+            taken.n += 1;
         }
-        for (g, permit) in topic.queued.iter().zip(permits) {
-            permit.forget();
-            g.push(envelope.clone(), 1);
-        }
-        drop(open);
+        taken.keep();
+        push_all(&topic.queued, envelope.clone());
+        drop(pass);
         for group in topic.inline.iter() {
             self.shared.run_inline(group, &envelope).await;
         }
@@ -550,7 +712,7 @@ impl Transport for InProcessTransport {
                         id: spec.group.clone(),
                         event_type: spec.event_type.to_string(),
                         ordered: spec.ordering == Ordering::ByKey,
-                        permits: Semaphore::new(self.shared.config.queue_capacity),
+                        slots: Slots::new(self.shared.config.queue_capacity),
                         state: Mutex::default(),
                         work: Notify::new(),
                         changed: Notify::new(),
@@ -563,7 +725,7 @@ impl Transport for InProcessTransport {
                 }
             }
         };
-        let detach = CancellationToken::new();
+        let detach = Arc::new(Signal::default());
         lock(&group.state).workers += spec.concurrency;
         let workers = (0..spec.concurrency)
             .map(|_| {
@@ -619,18 +781,17 @@ impl Transport for InProcessTransport {
                 dead.remove(at)
             };
             if let Some(g) = &target {
-                let _open = self.shared.gate.read().await;
-                if self.shared.closed.load(SeqCst) {
+                let Some(_pass) = self.shared.gate.enter() else {
+                    return Err(Shared::closed_error());
+                };
+                if self.shared.closed.load(SeqCst) || !g.slots.take().await {
                     return Err(Shared::closed_error());
                 }
-                let Ok(permit) = g.permits.acquire().await else {
-                    return Err(Shared::closed_error());
-                };
                 // Redriven concurrently by someone else: skip it.
                 let Some(dl) = take(&mut lock(&self.shared.dead)) else {
+                    g.slots.give_back(1);
                     continue;
                 };
-                permit.forget();
                 g.push(dl.envelope, 1);
             } else if let Some(inline) = &inline {
                 let Some(dl) = take(&mut lock(&self.shared.dead)) else {
@@ -648,15 +809,15 @@ impl Transport for InProcessTransport {
         let all_groups =
             || -> Vec<Arc<Group>> { lock(&self.shared.groups).values().cloned().collect() };
         for g in all_groups() {
-            g.permits.close();
+            g.slots.close();
         }
         // Publishers waiting for a queue slot fail now that the queues are
         // closed; wait until none is between its check and its push, and no
         // subscribe is creating a group.
-        drop(self.shared.gate.write().await);
+        self.shared.gate.close().await;
         let groups = all_groups();
         for g in &groups {
-            g.permits.close();
+            g.slots.close();
             lock(&g.state).draining = true;
             g.work.notify_waiters();
         }
@@ -667,7 +828,7 @@ impl Transport for InProcessTransport {
         };
         let in_time = tokio::time::timeout(deadline, drain).await.is_ok();
         // Abandon what is still running and wait for the workers to leave.
-        self.shared.stop.cancel();
+        self.shared.stop.fire();
         for g in &groups {
             wait_for(g, |st| st.workers == 0).await;
         }
@@ -705,8 +866,19 @@ impl InProcessTransport {
     }
 }
 
+/// Pushes one delivery per group (slots already taken); the last group
+/// takes the envelope itself, so a single subscriber costs no clone.
+fn push_all(groups: &[Arc<Group>], envelope: Envelope) {
+    if let Some((last, rest)) = groups.split_last() {
+        for g in rest {
+            g.push(envelope.clone(), 1);
+        }
+        last.push(envelope, 1);
+    }
+}
+
 fn full_or_closed(g: &Group) -> Error {
-    if g.permits.is_closed() {
+    if g.slots.is_closed() {
         Shared::closed_error()
     } else {
         Error::new(
@@ -752,46 +924,64 @@ async fn run_worker(
     group: Arc<Group>,
     handler: Arc<dyn DeliveryHandler>,
     retry: RetryPolicy,
-    detach: CancellationToken,
+    detach: Arc<Signal>,
 ) {
     let _slot = WorkerSlot(group.clone());
-    let stop = shared.stop.clone();
+    let stop = &shared.stop;
     loop {
-        let delivery = {
-            // Scoped so that a wakeup is never held while handling.
+        let next = {
+            let mut st = lock(&group.state);
+            if detach.is_set() || stop.is_set() {
+                return;
+            }
+            match group.take(&mut st, &shared.hasher) {
+                Some(d) => Some(d),
+                None if st.draining && st.outstanding == 0 => return,
+                None => None,
+            }
+        };
+        let Some(delivery) = next else {
+            // Idle: register for a wakeup, then look again, so a push
+            // between the look above and the registration is not missed.
+            // (Only an idle worker registers; a busy one never touches the
+            // wakeup list.)
             let work = group.work.notified();
             tokio::pin!(work);
             work.as_mut().enable();
-            let next = {
-                let mut st = lock(&group.state);
-                if detach.is_cancelled() || stop.is_cancelled() {
-                    return;
+            {
+                let st = lock(&group.state);
+                if !st.ready.is_empty()
+                    || !st.queue.is_empty()
+                    || (st.draining && st.outstanding == 0)
+                {
+                    continue;
                 }
-                match group.take(&mut st, &shared.hasher) {
-                    Some(d) => Some(d),
-                    None if st.draining && st.outstanding == 0 => return,
-                    None => None,
-                }
-            };
-            match next {
-                Some(d) => d,
-                None => {
-                    tokio::select! {
-                        _ = &mut work => continue,
-                        _ = detach.cancelled() => return,
-                        _ = stop.cancelled() => return,
-                    }
-                }
+            }
+            tokio::select! {
+                _ = &mut work => continue,
+                _ = detach.fired() => return,
+                _ = stop.fired() => return,
             }
         };
-        let outcome = tokio::select! {
-            biased;
-            _ = stop.cancelled() => {
-                // Deadline passed: not a failure, not dead-lettered; reported.
-                lock(&group.state).abandoned.push(delivery.envelope);
-                return;
-            }
-            outcome = call_guarded(&*handler, delivery.clone()) => outcome,
+        // The handler runs first; only a handler that has to wait also
+        // waits for the shutdown deadline (one that finishes at once never
+        // registers for it).
+        let outcome = {
+            let handling = call_guarded(&*handler, delivery.clone());
+            let stopped = stop.fired();
+            tokio::pin!(handling, stopped);
+            std::future::poll_fn(|cx| {
+                if let Poll::Ready(outcome) = handling.as_mut().poll(cx) {
+                    return Poll::Ready(Some(outcome));
+                }
+                stopped.as_mut().poll(cx).map(|()| None)
+            })
+            .await
+        };
+        let Some(outcome) = outcome else {
+            // Deadline passed: not a failure, not dead-lettered; reported.
+            lock(&group.state).abandoned.push(delivery.envelope);
+            return;
         };
         let (reason, error) = match outcome {
             Outcome::Ack => {
@@ -818,14 +1008,14 @@ async fn run_worker(
 }
 
 struct QueuedConsumer {
-    detach: CancellationToken,
+    detach: Arc<Signal>,
     workers: Mutex<Vec<JoinHandle<()>>>,
 }
 
 #[async_trait]
 impl Consumer for QueuedConsumer {
     async fn close(&self) -> Result<()> {
-        self.detach.cancel();
+        self.detach.fire();
         let workers = std::mem::take(&mut *lock(&self.workers));
         for w in workers {
             w.await
