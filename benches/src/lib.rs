@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::Notify;
+pub mod harness;
 
 /// A small event (about 128 bytes encoded as JSON).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, seambus::Event)]

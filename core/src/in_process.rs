@@ -396,7 +396,10 @@ impl Group {
             }
         }
         st.outstanding -= 1;
-        let idle = st.outstanding == 0;
+        // Only shutdown waits for a group to go idle (it sets `draining`
+        // under this lock first), so an idle group outside a drain wakes
+        // nobody.
+        let idle = st.outstanding == 0 && st.draining;
         drop(st);
         self.slots.give_back(1);
         if successor {
