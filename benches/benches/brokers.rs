@@ -2,7 +2,7 @@
 //! broker, with the same 512-byte JSON payload and the same guarantees.
 //!
 //! One criterion group per broker (`broker/nats`, `broker/rabbitmq`,
-//! `broker/kafka`), four members each, all counted in events
+//! `broker/kafka`), four members each (five for NATS), all counted in events
 //! (`Throughput::Elements`), so the report reads as events/s and
 //! `seambus_x / raw_x` is the adapter's cost:
 //!
@@ -11,6 +11,11 @@
 //!   `Module::publish(..).await` does with these transports). Nothing
 //!   consumes; the stream or queue is purged between iterations, outside the
 //!   measured time (Kafka topics just grow).
+//! - `raw_publish_ce_headers` (NATS only): `raw_publish` plus the header set
+//!   Seambus puts on every message (`ce-specversion`, `ce-id`, `ce-source`,
+//!   `ce-type`, `ce-time`, `content-type`, `ce-dataversion`) and a UUID
+//!   `Nats-Msg-Id`, so `seambus_publish / raw_publish_ce_headers` is the
+//!   adapter's cost apart from the headers on the wire.
 //! - `seambus_roundtrip` / `raw_roundtrip`: the same N confirmed publishes
 //!   while one consumer, already subscribed, receives, decodes and
 //!   acknowledges them one by one; the round ends when all N are handled.
@@ -42,7 +47,8 @@
 //!
 //! The raw side serializes the same event with `serde_json` per publish and
 //! decodes it per delivery, as an application using the client would; what
-//! it does not carry is Seambus' envelope (the CloudEvents headers).
+//! it does not carry (but `raw_publish_ce_headers` does) is Seambus'
+//! envelope (the CloudEvents headers).
 //!
 //! Every run uses fresh names (a timestamp) and deletes its streams,
 //! queues, exchanges and topics afterwards. A broker that does not answer
@@ -279,6 +285,8 @@ fn env_or(var: &str, default: &str) -> String {
 }
 
 /// The TCP check, then a light client check; prints why when skipping.
+/// With `SEAMBUS_REQUIRE_BROKERS=1` (CI) a missing broker ends the run with
+/// a failure instead.
 fn available(
     rt: &Runtime,
     label: &str,
@@ -286,21 +294,21 @@ fn available(
     hint: &str,
     check: impl Future<Output = Res<()>>,
 ) -> bool {
-    if !answers(addr) {
-        println!("{label} skipped: no broker at {addr} ({hint})");
-        return false;
-    }
-    match rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), check).await }) {
-        Ok(Ok(())) => true,
-        Ok(Err(e)) => {
-            println!("{label} skipped: the broker at {addr} does not work: {e}");
-            false
+    let why = if !answers(addr) {
+        format!("no broker at {addr} ({hint})")
+    } else {
+        match rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), check).await }) {
+            Ok(Ok(())) => return true,
+            Ok(Err(e)) => format!("the broker at {addr} does not work: {e}"),
+            Err(_) => format!("the broker at {addr} does not answer within 10 s"),
         }
-        Err(_) => {
-            println!("{label} skipped: the broker at {addr} does not answer within 10 s");
-            false
-        }
+    };
+    if std::env::var("SEAMBUS_REQUIRE_BROKERS").as_deref() == Ok("1") {
+        eprintln!("{label} failed: {why}, and SEAMBUS_REQUIRE_BROKERS=1");
+        std::process::exit(1);
     }
+    println!("{label} skipped: {why}");
+    false
 }
 
 mod nats {
@@ -333,6 +341,11 @@ mod nats {
         });
         bench(&mut group, rt, LABEL, "raw_publish", || {
             Raw::setup(u, r, "pub", false)
+        });
+        bench(&mut group, rt, LABEL, "raw_publish_ce_headers", || async {
+            let mut raw = Raw::setup(u, r, "pubce", false).await?;
+            raw.ce_headers = true;
+            Ok(raw)
         });
         bench(&mut group, rt, LABEL, "seambus_roundtrip", || {
             Seambus::setup(u, r, "rt", true)
@@ -420,6 +433,9 @@ mod nats {
     }
 
     struct Raw {
+        /// Send the CloudEvents headers Seambus sends, with a UUID
+        /// `Nats-Msg-Id` (`raw_publish_ce_headers`).
+        ce_headers: bool,
         js: jetstream::Context,
         stream: stream::Stream,
         stream_name: String,
@@ -454,6 +470,7 @@ mod nats {
                 .await?;
             let subject = format!("{prefix}.bench.blob");
             let mut raw = Self {
+                ce_headers: false,
                 js,
                 stream,
                 stream_name,
@@ -521,9 +538,26 @@ mod nats {
         async fn publish_n(&self, n: u64) -> Res<()> {
             for _ in 0..n {
                 let seq = self.seq.fetch_add(1, AtomicOrdering::Relaxed);
-                let message = PublishMessage::build()
-                    .payload(self.blob.encode().into())
-                    .message_id(format!("{}-{seq}", self.run));
+                let message = if self.ce_headers {
+                    // The header set of seambus-nats' `headers_of`.
+                    let attrs = seambus::Attributes::new("bench", "bench.blob", 1);
+                    let mut headers = async_nats::HeaderMap::new();
+                    for (name, value) in attrs.to_wire_headers("ce-") {
+                        if name == "ce-datacontenttype" {
+                            headers.insert("content-type", value);
+                        } else {
+                            headers.insert(name.as_str(), value);
+                        }
+                    }
+                    PublishMessage::build()
+                        .payload(self.blob.encode().into())
+                        .headers(headers)
+                        .message_id(attrs.id.to_string())
+                } else {
+                    PublishMessage::build()
+                        .payload(self.blob.encode().into())
+                        .message_id(format!("{}-{seq}", self.run))
+                };
                 self.js
                     .send_publish(self.subject.clone(), message)
                     .await?
