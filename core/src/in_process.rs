@@ -173,7 +173,7 @@ struct GroupState {
     /// Retries waiting for their time.
     delayed: BTreeMap<(Instant, u64), Delivery>,
     seq: u64,
-    /// Accepted and not finished (the semaphore's view, counted here too so
+    /// Accepted and not finished (the queue slots' view, counted here too so
     /// shutdown can wait for zero).
     outstanding: usize,
     workers: usize,
