@@ -377,6 +377,28 @@ mod tests {
         assert_eq!(reason, DeadLetterReason::Undecodable);
     }
 
+    #[test]
+    fn decode_errors_of_every_version_name_the_field_not_the_value() {
+        // v1 is decoded by its upcast step, v2 directly: both through
+        // `codec::decode`, so both are redacted alike.
+        for (version, payload) in [
+            (1, &br#"{"id":"s3cr3t"}"#[..]),
+            (2, br#"{"id":"s3cr3t","note":""}"#),
+        ] {
+            let env = Envelope::from_bytes(
+                Attributes::new("orders", "orders.order_placed", version),
+                payload,
+            );
+            let (reason, error) = resolve::<V2>(&upcasters(), &env).unwrap_err();
+            assert_eq!(reason, DeadLetterReason::Undecodable);
+            assert!(!error.contains("s3cr3t"), "v{version}: {error}");
+            assert!(
+                error.contains("id: invalid type: string, expected u64"),
+                "v{version}: {error}"
+            );
+        }
+    }
+
     #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, crate::Event)]
     #[event(name = "orders.order_placed", version = 2)]
     struct OtherV2 {
