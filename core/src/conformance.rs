@@ -1302,6 +1302,170 @@ pub async fn broker_restart_with(h: &dyn Harness, restart: BoxFuture<'static, ()
     finish(h, &ns, &bus).await;
 }
 
+/// Case 16: two consumers (two transport clients, as two processes would
+/// have) in one group, keyed events whose first attempt fails: every event
+/// is still handled (a retry never leaves its key stalled in one consumer
+/// while the other takes the redelivery), and where the transport keeps
+/// per-key order across consumers, in order.
+pub async fn two_consumers_keyed_retries(h: &dyn Harness) {
+    let ns = namespace("twokeyed");
+    let first = h.transport(&ns).await;
+    let caps = first.capabilities();
+    if !caps.consumer_groups {
+        return skip("two_consumers_keyed_retries", "no consumer groups");
+    }
+    let second = h.transport(&ns).await;
+    let (bus_a, bus_b) = (bus_on(first), bus_on(second));
+    const KEYS: u64 = 6;
+    const N: u64 = 120;
+    let log: Arc<Mutex<HashMap<String, Vec<u64>>>> = Arc::default();
+    let failed_once: Arc<Mutex<HashSet<u64>>> = Arc::default();
+    let tally = Tally::new();
+    let mut subs = Vec::new();
+    for bus in [&bus_a, &bus_b] {
+        let (l, f, t) = (log.clone(), failed_once.clone(), tally.clone());
+        subs.push(
+            bus.module("keyed")
+                .subscribe(move |ping: Received<Ping>, ctx: Context| {
+                    let (l, f, t) = (l.clone(), f.clone(), t.clone());
+                    async move {
+                        if f.lock().unwrap().insert(ping.seq) {
+                            return Err(HandlerError::retry("every first attempt fails"));
+                        }
+                        let key = ctx.envelope().attributes().partition_key.clone().unwrap();
+                        l.lock().unwrap().entry(key).or_default().push(ping.seq);
+                        t.record(ctx.envelope().id());
+                        ok()
+                    }
+                })
+                .concurrency(4)
+                .retry(fast_retry(10))
+                .await
+                .unwrap(),
+        );
+    }
+    let ids = publish_pings(&bus_a, N, 1, KEYS).await;
+    tally
+        .wait_for_all("keyed events on two consumers", &ids)
+        .await;
+    tally.assert_exactly("keyed events on two consumers", &ids, caps.duplicates);
+    if caps.per_key_order_across_consumers {
+        for (key, seqs) in log.lock().unwrap().iter() {
+            let mut firsts = Vec::new();
+            for s in seqs {
+                if !firsts.contains(s) {
+                    firsts.push(*s);
+                }
+            }
+            assert!(
+                firsts.windows(2).all(|w| w[0] < w[1]),
+                "key {key} handled out of order across consumers: {firsts:?}"
+            );
+        }
+    }
+    for sub in &subs {
+        assert_eq!(sub.stats().dead_lettered, 0);
+    }
+    let _ = bus_b.shutdown(Duration::from_secs(10)).await;
+    finish(h, &ns, &bus_a).await;
+}
+
+/// Case 17: stopping never consumes attempts: events held (running, or
+/// waiting behind their key) when a consumer shuts down at its deadline,
+/// several times over, come back with their attempt unchanged and are never
+/// dead-lettered for it (persistent transports).
+pub async fn restarts_never_consume_attempts(h: &dyn Harness) {
+    let ns = namespace("attempts");
+    let transport = h.transport(&ns).await;
+    if !transport.capabilities().persistent {
+        return skip(
+            "restarts_never_consume_attempts",
+            "not persistent: shutdown hands events back in its report",
+        );
+    }
+    let bus = bus_on(transport);
+    const N: u64 = 5;
+    // Declare the group, then publish: one key, so one runs and the rest wait.
+    let started = Arc::new(Notify::new());
+    let s = started.clone();
+    let first = bus
+        .module("patient")
+        .subscribe(move |_p: Received<Ping>, _ctx: Context| {
+            let s = s.clone();
+            async move {
+                s.notify_one();
+                std::future::pending::<()>().await;
+                ok()
+            }
+        })
+        .retry(fast_retry(2))
+        .await
+        .unwrap();
+    let ids = publish_pings(&bus, N, 1, 1).await;
+    started.notified().await;
+    assert_eq!(first.stats().dead_lettered, 0);
+    let _ = bus.shutdown(Duration::from_millis(50)).await;
+    // Three more consumers that stop at their deadline while holding them.
+    for _ in 0..3 {
+        let bus = bus_on(h.transport(&ns).await);
+        let started = Arc::new(Notify::new());
+        let s = started.clone();
+        let sub = bus
+            .module("patient")
+            .subscribe(move |_p: Received<Ping>, _ctx: Context| {
+                let s = s.clone();
+                async move {
+                    s.notify_one();
+                    std::future::pending::<()>().await;
+                    ok()
+                }
+            })
+            .retry(fast_retry(2))
+            .await
+            .unwrap();
+        tokio::time::timeout(patience(), started.notified())
+            .await
+            .expect("a held event is delivered again after a stop");
+        assert_eq!(
+            sub.stats().dead_lettered,
+            0,
+            "a stop dead-lettered an event"
+        );
+        let _ = bus.shutdown(Duration::from_millis(50)).await;
+    }
+    // The last consumer handles them all, each on its first attempt.
+    let bus = bus_on(h.transport(&ns).await);
+    let attempts: Arc<Mutex<Vec<u32>>> = Arc::default();
+    let tally = Tally::new();
+    let (a, t) = (attempts.clone(), tally.clone());
+    let sub = bus
+        .module("patient")
+        .subscribe(move |_p: Received<Ping>, ctx: Context| {
+            let (a, t) = (a.clone(), t.clone());
+            async move {
+                a.lock().unwrap().push(ctx.attempt());
+                t.record(ctx.envelope().id());
+                ok()
+            }
+        })
+        .retry(fast_retry(2))
+        .await
+        .unwrap();
+    tally
+        .wait_for_all("held events after four stops", &ids)
+        .await;
+    let attempts = attempts.lock().unwrap().clone();
+    assert!(
+        attempts.iter().all(|&a| a == 1),
+        "stops counted as attempts: {attempts:?}"
+    );
+    assert_eq!(sub.stats().dead_lettered, 0);
+    if let Ok(dead) = sub.dead_letters().await {
+        assert!(dead.is_empty(), "stops dead-lettered {} events", dead.len());
+    }
+    finish(h, &ns, &bus).await;
+}
+
 /// Runs every case the transport's capabilities allow, in order.
 pub async fn run_all(h: &dyn Harness) {
     if !broker_ready(h) {
@@ -1321,6 +1485,8 @@ pub async fn run_all(h: &dyn Harness) {
     close_and_reopen(h).await;
     shutdown_under_load(h).await;
     publisher_closes_in_flight(h).await;
+    two_consumers_keyed_retries(h).await;
+    restarts_never_consume_attempts(h).await;
     match h.restart_broker() {
         Some(restart) => broker_restart(h, restart).await,
         None => skip("broker_restart", "the harness cannot restart its broker"),
@@ -1362,6 +1528,8 @@ macro_rules! conformance_tests {
             c12_close_and_reopen => close_and_reopen,
             c13_shutdown_under_load => shutdown_under_load,
             c14_publisher_closes_in_flight => publisher_closes_in_flight,
+            c16_two_consumers_keyed_retries => two_consumers_keyed_retries,
+            c17_restarts_never_consume_attempts => restarts_never_consume_attempts,
         );
         #[test]
         fn c15_broker_restart() {

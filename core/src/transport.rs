@@ -268,11 +268,28 @@ pub enum Outcome {
     },
 }
 
+/// What became of a delivery that did not succeed, as the transport tells
+/// the handler (for its statistics).
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Settlement {
+    /// It will run again.
+    Retry,
+    /// It went to the group's dead letter.
+    DeadLettered(DeadLetterReason),
+}
+
 /// Handles deliveries for one subscription. The bus implements it (decode,
 /// upcast, call the typed handler, catch panics); transports call it.
 pub trait DeliveryHandler: Send + Sync + 'static {
     /// Handles one delivery. Never panics.
     fn handle(&self, delivery: Delivery) -> BoxFuture<'static, Outcome>;
+
+    /// Told what the transport did with a delivery that did not succeed
+    /// (also those dead-lettered before [`DeliveryHandler::handle`] ran).
+    fn settled(&self, group: &GroupId, settlement: Settlement) {
+        let _ = (group, settlement);
+    }
 }
 
 /// An event that a group could not handle.
@@ -369,8 +386,12 @@ pub struct Capabilities {
     pub persistent: bool,
     /// Groups with competing workers.
     pub consumer_groups: bool,
-    /// Per-partition-key order inside a group.
+    /// Per-partition-key order inside a group, among the consumers of one
+    /// process.
     pub per_key_order: bool,
+    /// Per-key order also holds between consumers of one group in
+    /// different processes.
+    pub per_key_order_across_consumers: bool,
     /// Retries are delayed by the transport without blocking the queue.
     pub native_delayed_retry: bool,
     /// Largest payload the transport carries, if bounded.
@@ -394,6 +415,7 @@ impl Capabilities {
             persistent: false,
             consumer_groups: false,
             per_key_order: false,
+            per_key_order_across_consumers: false,
             native_delayed_retry: false,
             max_payload: None,
             replay: false,
@@ -474,10 +496,25 @@ pub trait Transport: Send + Sync + 'static {
         ))
     }
 
+    /// Removes the group's dead letters (those with the given ids, or all)
+    /// for good; the only way other than [`Transport::redrive`] that a dead
+    /// letter leaves the store. Returns how many were removed (ids not in
+    /// the store are skipped). A bounded store that was full takes the dead
+    /// letters waiting for room into the room this makes.
+    async fn discard_dead_letters(&self, group: &GroupId, ids: Option<&[Uuid]>) -> Result<usize> {
+        let _ = (group, ids);
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            format!("transport {} cannot discard dead letters", self.name()),
+        ))
+    }
+
     /// Stops taking publishes and deliveries, lets in-flight handlers finish
     /// until `deadline`, acknowledges what finished and reports the rest.
     async fn shutdown(&self, deadline: Duration) -> Result<ShutdownReport>;
 }
+
+pub mod engine;
 
 /// Helpers for transport authors: the bookkeeping every broker transport
 /// needs for subscriptions and shutdown.
@@ -686,6 +723,14 @@ pub mod support {
                 ),
             )
         })
+    }
+
+    /// Whether `name` starts with `prefix`, ASCII case ignored. Never
+    /// slices inside a character (names from the wire may be anything).
+    pub fn starts_with_ignore_case(name: &str, prefix: &str) -> bool {
+        name.as_bytes()
+            .get(..prefix.len())
+            .is_some_and(|head| head.eq_ignore_ascii_case(prefix.as_bytes()))
     }
 
     /// Error text fit for a message header: control characters (CR, LF)

@@ -172,6 +172,12 @@ pub struct NatsConfig {
     /// subscription's `max_attempts`; a cap below that would make the server
     /// stop redelivering silently.
     pub max_deliver: i64,
+    /// Deliveries of one event after which it is dead-lettered as a crash
+    /// loop (processes dying or stopping while they held it). Counted by
+    /// the server, so it includes shutdowns: keep it well above
+    /// `max_attempts`. The attempt itself travels in a header and never
+    /// grows on a shutdown. Default 100.
+    pub delivery_limit: u32,
     /// Events of one group held at once by one process (the consumer's
     /// `max_ack_pending` and the fetch batch). Default 256.
     pub max_in_flight: usize,
@@ -198,6 +204,7 @@ impl Default for NatsConfig {
             stream: StreamSettings::default(),
             ack_wait: Duration::from_secs(30),
             max_deliver: -1,
+            delivery_limit: 100,
             max_in_flight: 256,
             publish_timeout: Duration::from_secs(30),
             connection_name: Some("seambus".into()),
@@ -217,6 +224,7 @@ impl fmt::Debug for NatsConfig {
             .field("stream", &self.stream)
             .field("ack_wait", &self.ack_wait)
             .field("max_deliver", &self.max_deliver)
+            .field("delivery_limit", &self.delivery_limit)
             .field("max_in_flight", &self.max_in_flight)
             .field("publish_timeout", &self.publish_timeout)
             .field("connection_name", &self.connection_name)

@@ -3,7 +3,8 @@
 mod config;
 mod error;
 mod publisher;
-mod subscriber;
+mod source;
+mod wire;
 
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::Arc;
@@ -23,9 +24,10 @@ use uuid::Uuid;
 pub use config::{Auth, NatsConfig, Retention, Storage, StreamSettings, TlsSettings};
 
 use crate::error::{api_error, config_error};
-use crate::publisher::{event_subject, headers_of, publish_confirmed, MSG_ID};
-use crate::subscriber::{
-    consumer_name, dead_letter_of, dead_letter_subject, DL_SUBJECT, REDRIVE_GROUP,
+use crate::publisher::publish_confirmed;
+use crate::wire::{
+    consumer_name, dead_letter_of, dead_letter_subject, event_subject, headers_of, redrive_headers,
+    DL_SUBJECT,
 };
 
 /// Room kept for headers below the server's `max_payload`.
@@ -265,7 +267,7 @@ impl Transport for NatsTransport {
         if spec.concurrency == 0 {
             return Err(config_error("concurrency must be at least 1"));
         }
-        subscriber::subscribe(&self.inner, spec, handler).await
+        source::subscribe(&self.inner, spec, handler).await
     }
 
     async fn dead_letters(&self, group: &GroupId) -> Result<Vec<DeadLetter>> {
@@ -301,19 +303,8 @@ impl Transport for NatsTransport {
                 .unwrap_or_else(|| {
                     event_subject(&self.inner.config.subject_prefix, dl.envelope.event_type())
                 });
-            let mut headers = async_nats::HeaderMap::new();
-            for (name, values) in message.headers.iter() {
-                let name: &str = name.as_ref();
-                if name.len() > 11 && name[..11].eq_ignore_ascii_case("seambus-dl-") {
-                    continue;
-                }
-                for value in values {
-                    headers.append(name, value.as_str());
-                }
-            }
             let msg_id = format!("redrive:{}:{seq}", consumer_name(group));
-            headers.insert(MSG_ID, msg_id.as_str());
-            headers.insert(REDRIVE_GROUP, consumer_name(group));
+            let headers = redrive_headers(&message.headers, &consumer_name(group), &msg_id);
             publish_confirmed(
                 &self.inner.js,
                 &subject,

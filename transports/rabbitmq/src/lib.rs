@@ -3,8 +3,8 @@
 mod config;
 mod connection;
 mod error;
-mod publisher;
-mod subscriber;
+mod source;
+mod wire;
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
@@ -27,9 +27,7 @@ pub use config::{QueueType, RabbitMqConfig, TlsSettings};
 
 use crate::connection::{dead_letter_exchange, Connector, GroupQueues};
 use crate::error::amqp_error;
-use crate::publisher::{
-    envelope_of, properties_of, publish_confirmed, value_text, ATTEMPT, DL_PREFIX,
-};
+use crate::wire::{envelope_of, properties_of, publish_confirmed, value_text, ATTEMPT, DL_PREFIX};
 
 /// A [`Transport`] over RabbitMQ. See the crate docs for the mapping.
 #[derive(Clone)]
@@ -256,7 +254,7 @@ impl Transport for RabbitMqTransport {
                 declared.insert(queues.retry(n));
             }
         }
-        subscriber::subscribe(&self.inner, spec, handler).await
+        source::subscribe(&self.inner, spec, handler).await
     }
 
     async fn dead_letters(&self, group: &GroupId) -> Result<Vec<DeadLetter>> {
@@ -278,7 +276,7 @@ impl Transport for RabbitMqTransport {
                 }
                 // Straight to this group's work queue (no other group sees
                 // it), attempts counted afresh, reason headers dropped.
-                let properties = subscriber::with_headers(&properties, |h| {
+                let properties = wire::with_headers(&properties, |h| {
                     let kept: std::collections::BTreeMap<_, _> = h
                         .inner()
                         .iter()

@@ -1,4 +1,5 @@
-//! Publishing: the CloudEvents AMQP binding, confirmed, mandatory publishes.
+//! The wire binding: the CloudEvents AMQP binding, the attempt and
+//! dead-letter headers; and confirmed, mandatory publishes.
 
 use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
@@ -24,6 +25,52 @@ pub(crate) fn is_transport_header(name: &str) -> bool {
         || lower == "x-delivery-count"
         || lower.starts_with("x-first-death-")
         || lower.starts_with("x-last-death-")
+}
+
+/// The properties with their headers edited.
+pub(crate) fn with_headers(
+    properties: &BasicProperties,
+    edit: impl FnOnce(&mut FieldTable),
+) -> BasicProperties {
+    let mut headers = properties.headers().clone().unwrap_or_default();
+    edit(&mut headers);
+    properties.clone().with_headers(headers)
+}
+
+/// The properties of a retry copy: attempt `next`, waiting `delay`.
+pub(crate) fn retry_properties(
+    properties: &BasicProperties,
+    next: u32,
+    delay: std::time::Duration,
+) -> BasicProperties {
+    with_headers(properties, |h| {
+        h.insert(ATTEMPT.into(), AMQPValue::LongLongInt(i64::from(next)));
+    })
+    .with_expiration(delay.as_millis().max(1).to_string().into())
+}
+
+/// The properties of a dead letter: the message's own plus the
+/// `x-seambus-dl-*` headers.
+pub(crate) fn dead_letter_properties(
+    properties: &BasicProperties,
+    verdict: &seambus::transport::engine::Verdict,
+    group: &seambus::transport::GroupId,
+    routing_key: &str,
+    id: uuid::Uuid,
+) -> BasicProperties {
+    with_headers(properties, |h| {
+        let dl = |name: &str| ShortString::from(format!("{DL_PREFIX}{name}"));
+        h.insert(dl("reason"), text(verdict.reason.as_str()));
+        h.insert(dl("error"), text(&verdict.error));
+        h.insert(
+            dl("attempts"),
+            AMQPValue::LongLongInt(i64::from(verdict.attempts)),
+        );
+        h.insert(dl("time"), text(&chrono::Utc::now().to_rfc3339()));
+        h.insert(dl("group"), text(&group.to_string()));
+        h.insert(dl("routing-key"), text(routing_key));
+        h.insert(dl("id"), text(&id.to_string()));
+    })
 }
 
 pub(crate) fn text(s: &str) -> AMQPValue {

@@ -1,0 +1,605 @@
+//! The delivery engine: the consumer side of every broker transport,
+//! written once.
+//!
+//! A broker crate supplies a [`Source`] (fetch messages, pause and resume
+//! fetching) and a [`Sink`] (ack, give back, keep alive, schedule a retry,
+//! store a dead letter) for its client library; [`run`] does everything
+//! else, so every transport has the same semantics by construction:
+//!
+//! - **per-key lanes**: with [`Ordering::ByKey`], events of one partition
+//!   key run one at a time in fetch order, also across retries; other keys
+//!   run concurrently, up to the subscription's `concurrency`;
+//! - **retries**: a transient failure is retried after the policy's delay.
+//!   An event with a key waits in this process (so no later event of its
+//!   key overtakes it and its key never depends on another process); an
+//!   event without one is handed to the broker's own delayed retry when the
+//!   sink has one ([`Sink::retry_later`]), else it waits here too. A waiting
+//!   retry holds no worker;
+//! - **the attempt** comes with the message ([`Fetched::attempt`], a header
+//!   on every broker) and grows only when a handler ran and failed.
+//!   Stopping, closing, a rebalance or the shutdown deadline give an event
+//!   back ([`Sink::release`]) without counting an attempt. Crash loops are
+//!   capped separately by the broker's delivery count
+//!   ([`Fetched::delivered`] against the delivery limit);
+//! - **holding limit**: at most `max_held` messages are held (waiting,
+//!   running or waiting to retry); past it fetching pauses
+//!   ([`Source::pause`]), and keep-alives ([`Sink::keep_alive`]) keep every
+//!   held message from being redelivered meanwhile;
+//! - **dead letters**: undecodable messages at once, rejected events at
+//!   once, others after the last attempt; a dead letter that cannot be
+//!   stored is kept (with its key) and stored again later, never dropped;
+//! - **stop**: on close or shutdown fetching stops, held events that did not
+//!   start are given back, running handlers finish until the shutdown
+//!   deadline, and those cut short are reported as unfinished.
+
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::hash::BuildHasher;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::support::call_guarded;
+use super::{
+    DeadLetterReason, Delivery, DeliveryHandler, GroupId, Ordering, Outcome, Settlement,
+    SubscriptionSpec, Unfinished,
+};
+use crate::envelope::Envelope;
+use crate::error::Result;
+
+/// One message a [`Source`] fetched.
+#[derive(Debug)]
+pub struct Fetched<T> {
+    /// The broker's handle on the message (for acks and the like).
+    pub token: T,
+    /// The envelope, or why the message is not one (dead-lettered as
+    /// [`DeadLetterReason::Undecodable`]).
+    pub envelope: std::result::Result<Envelope, String>,
+    /// The attempt this delivery is, as carried with the event (1 when the
+    /// message carries none).
+    pub attempt: u32,
+    /// How often the broker has delivered this message, if it counts
+    /// (crashes and shutdowns included): compared with the delivery limit
+    /// to stop crash loops, never used as the attempt.
+    pub delivered: Option<u32>,
+}
+
+/// What [`Source::fetch`] returns.
+#[derive(Debug)]
+pub enum Fetch<T> {
+    /// A message.
+    Message(Fetched<T>),
+    /// Some messages this consumer holds are no longer its own (a Kafka
+    /// rebalance, a lost RabbitMQ channel): the engine drops those for which
+    /// [`Sink::owns`] is false.
+    Revoked,
+}
+
+/// The fetching half of a broker subscription. Owned by the engine's task.
+#[async_trait]
+pub trait Source: Send + 'static {
+    /// The broker's handle on one message.
+    type Token: Send + Sync + 'static;
+
+    /// Whether [`Source::fetch`] must be called even while paused (Kafka:
+    /// polling keeps the member in its group and runs rebalances).
+    const POLL_WHILE_PAUSED: bool = false;
+
+    /// Waits for the next message. Must be cancellation safe: the engine
+    /// drops the future when something else happens first. An error is
+    /// logged, and fetch is called again after a pause.
+    async fn fetch(&mut self) -> Result<Fetch<Self::Token>>;
+
+    /// Called when the engine holds as many messages as it may (`true`)
+    /// and when it has room again (`false`).
+    fn pause(&mut self, paused: bool) {
+        let _ = paused;
+    }
+
+    /// Called once when the subscription stops, after every message was
+    /// settled or given back.
+    async fn close(&mut self) {}
+}
+
+/// The settling half of a broker subscription, shared by the handler tasks.
+#[async_trait]
+pub trait Sink: Send + Sync + 'static {
+    /// The broker's handle on one message.
+    type Token: Send + Sync + 'static;
+
+    /// False when the message is no longer this consumer's to settle.
+    fn owns(&self, token: &Self::Token) -> bool {
+        let _ = token;
+        true
+    }
+
+    /// Acknowledges a handled (or dead-lettered, or rescheduled) message.
+    async fn ack(&self, token: &Self::Token) -> Result<()>;
+
+    /// Gives the message back to the broker for redelivery, counting no
+    /// attempt (close, shutdown, deadline).
+    async fn release(&self, token: &Self::Token);
+
+    /// How often held messages need [`Sink::keep_alive`], if ever.
+    fn keep_alive_every(&self) -> Option<Duration> {
+        None
+    }
+
+    /// Tells the broker a held message is still being worked on.
+    async fn keep_alive(&self, token: &Self::Token) {
+        let _ = token;
+    }
+
+    /// Hands a failed event without a key to the broker's delayed retry:
+    /// it comes back after `delay` as attempt `attempt`, and this message is
+    /// settled. `Ok(false)` (the default): the broker has none; the engine
+    /// waits here.
+    async fn retry_later(
+        &self,
+        token: &Self::Token,
+        envelope: &Envelope,
+        attempt: u32,
+        delay: Duration,
+    ) -> Result<bool> {
+        let _ = (token, envelope, attempt, delay);
+        Ok(false)
+    }
+
+    /// Stores the message as a dead letter of the group (durably), then
+    /// settles it.
+    async fn dead_letter(
+        &self,
+        token: &Self::Token,
+        envelope: Option<&Envelope>,
+        verdict: &Verdict,
+    ) -> Result<()>;
+}
+
+/// Why a message goes to the dead letter.
+#[non_exhaustive]
+#[derive(Clone, Debug)]
+pub struct Verdict {
+    /// The reason.
+    pub reason: DeadLetterReason,
+    /// The error text, fit for a header (no line breaks, no payload values).
+    pub error: String,
+    /// The attempts made.
+    pub attempts: u32,
+}
+
+/// The signals a subscription obeys.
+#[derive(Clone, Debug, Default)]
+pub struct Signals {
+    /// This subscription closes.
+    pub detach: CancellationToken,
+    /// The transport shuts down: stop fetching, let running handlers finish.
+    pub closing: CancellationToken,
+    /// The shutdown deadline passed: abandon running handlers.
+    pub stop: CancellationToken,
+}
+
+/// Limits of one subscription on a broker.
+#[non_exhaustive]
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Most messages held at once.
+    pub max_held: usize,
+    /// Deliveries after which a message is dead-lettered as a crash loop.
+    pub delivery_limit: Option<u32>,
+}
+
+impl Limits {
+    /// Holding at most `max_held`, no delivery limit.
+    pub fn new(max_held: usize) -> Self {
+        Self {
+            max_held: max_held.max(1),
+            delivery_limit: None,
+        }
+    }
+
+    /// Sets [`Limits::delivery_limit`].
+    pub fn with_delivery_limit(mut self, limit: Option<u32>) -> Self {
+        self.delivery_limit = limit;
+        self
+    }
+}
+
+/// Delay before storing a dead letter again after the broker refused it.
+const DEAD_LETTER_AGAIN: Duration = Duration::from_secs(1);
+/// Pause after a fetch error.
+const FETCH_PAUSE: Duration = Duration::from_millis(100);
+
+/// One held message.
+struct Item<T> {
+    seq: u64,
+    token: Arc<T>,
+    envelope: std::result::Result<Envelope, String>,
+    attempt: u32,
+    delivered: Option<u32>,
+    key: Option<u64>,
+    /// A dead letter decided before, that could not be stored yet.
+    verdict: Option<Verdict>,
+}
+
+/// What a handler task reports.
+enum Done<T> {
+    /// Settled for good (acked, dead-lettered, handed to the broker).
+    Settled(Item<T>),
+    /// Wait `delay`, then run again (or store the pending dead letter).
+    Again(Item<T>, Duration),
+    /// The deadline cut it short; given back.
+    Abandoned(Item<T>),
+}
+
+struct Shared<K> {
+    handler: Arc<dyn DeliveryHandler>,
+    sink: Arc<K>,
+    spec: SubscriptionSpec,
+    limits: Limits,
+    signals: Signals,
+}
+
+/// Runs one subscription until it closes or the transport stops; returns
+/// the events the shutdown deadline cut short.
+pub async fn run<S, K>(
+    spec: SubscriptionSpec,
+    handler: Arc<dyn DeliveryHandler>,
+    mut source: S,
+    sink: Arc<K>,
+    limits: Limits,
+    signals: Signals,
+) -> Vec<Unfinished>
+where
+    S: Source,
+    K: Sink<Token = S::Token>,
+{
+    let shared = Arc::new(Shared {
+        handler,
+        sink,
+        spec,
+        limits,
+        signals,
+    });
+    let mut state = State::<S::Token> {
+        ready: VecDeque::new(),
+        lanes: HashMap::new(),
+        delayed: BTreeMap::new(),
+        held: HashMap::new(),
+        seq: 0,
+        hasher: Default::default(),
+        unfinished: Vec::new(),
+    };
+    let mut running: JoinSet<Done<S::Token>> = JoinSet::new();
+    let keep_alive_every = shared.sink.keep_alive_every();
+    let mut keep_alive = keep_alive_every.map(|every| {
+        let mut tick = tokio::time::interval_at(Instant::now() + every, every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick
+    });
+    let mut paused = false;
+    let signals = &shared.signals;
+    let stopping = || signals.detach.is_cancelled() || signals.closing.is_cancelled();
+    loop {
+        while running.len() < shared.spec.concurrency {
+            let Some(item) = state.ready.pop_front() else {
+                break;
+            };
+            let shared = shared.clone();
+            running.spawn(async move { handle(shared, item).await });
+        }
+        if stopping() {
+            break;
+        }
+        let full = state.held.len() >= shared.limits.max_held;
+        if full != paused {
+            paused = full;
+            source.pause(paused);
+        }
+        let next_due = state.delayed.keys().next().map(|(at, _)| *at);
+        tokio::select! {
+            _ = signals.detach.cancelled() => {}
+            _ = signals.closing.cancelled() => {}
+            Some(done) = running.join_next(), if !running.is_empty() => match done {
+                Ok(done) => state.done(&shared, done),
+                Err(e) => tracing::error!(group = %shared.spec.group, error = %e, "handler task failed"),
+            },
+            _ = tokio::time::sleep_until(next_due.unwrap_or_else(Instant::now)), if next_due.is_some() => {
+                state.due();
+            }
+            _ = async {
+                match keep_alive.as_mut() {
+                    Some(tick) => {
+                        tick.tick().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            } => {
+                for token in state.held.values() {
+                    shared.sink.keep_alive(token).await;
+                }
+            }
+            fetched = source.fetch(), if !paused || S::POLL_WHILE_PAUSED => match fetched {
+                Ok(Fetch::Message(fetched)) => state.accept(&shared, fetched),
+                Ok(Fetch::Revoked) => state.revoke(&shared),
+                Err(e) => {
+                    tracing::warn!(group = %shared.spec.group, error = %e, "cannot fetch; trying again");
+                    tokio::select! {
+                        _ = tokio::time::sleep(FETCH_PAUSE) => {}
+                        _ = signals.detach.cancelled() => {}
+                        _ = signals.closing.cancelled() => {}
+                    }
+                }
+            },
+        }
+    }
+
+    // Stop: what did not start goes back at once; running handlers finish
+    // (until the deadline, where they give their event back).
+    let waiting: Vec<Item<S::Token>> = state
+        .ready
+        .drain(..)
+        .chain(std::mem::take(&mut state.delayed).into_values())
+        .chain(state.lanes.drain().flat_map(|(_, lane)| lane))
+        .collect();
+    for item in waiting {
+        state.held.remove(&item.seq);
+        if shared.sink.owns(&item.token) {
+            shared.sink.release(&item.token).await;
+        }
+    }
+    while let Some(done) = running.join_next().await {
+        if let Ok(Done::Abandoned(item)) = done {
+            if let Ok(envelope) = item.envelope {
+                state
+                    .unfinished
+                    .push(Unfinished::new(shared.spec.group.clone(), envelope));
+            }
+        }
+    }
+    source.close().await;
+    state.unfinished
+}
+
+struct State<T> {
+    /// May run now (and own their key, if any).
+    ready: VecDeque<Item<T>>,
+    /// Busy keys, with the items waiting behind them.
+    lanes: HashMap<u64, VecDeque<Item<T>>>,
+    /// Waiting to run again.
+    delayed: BTreeMap<(Instant, u64), Item<T>>,
+    /// Every held message, for keep-alives and the holding limit.
+    held: HashMap<u64, Arc<T>>,
+    seq: u64,
+    hasher: std::collections::hash_map::RandomState,
+    unfinished: Vec<Unfinished>,
+}
+
+impl<T: Send + Sync + 'static> State<T> {
+    fn accept<K: Sink<Token = T>>(&mut self, shared: &Shared<K>, fetched: Fetched<T>) {
+        self.seq += 1;
+        let key = match (&fetched.envelope, shared.spec.ordering) {
+            (Ok(env), Ordering::ByKey) => env
+                .attributes()
+                .partition_key
+                .as_deref()
+                .map(|k| self.hasher.hash_one(k)),
+            _ => None,
+        };
+        let item = Item {
+            seq: self.seq,
+            token: Arc::new(fetched.token),
+            envelope: fetched.envelope,
+            attempt: fetched.attempt.max(1),
+            delivered: fetched.delivered,
+            key,
+            verdict: None,
+        };
+        self.held.insert(item.seq, item.token.clone());
+        match item.key {
+            None => self.ready.push_back(item),
+            Some(key) => match self.lanes.entry(key) {
+                Entry::Vacant(slot) => {
+                    slot.insert(VecDeque::new());
+                    self.ready.push_back(item);
+                }
+                Entry::Occupied(mut lane) => lane.get_mut().push_back(item),
+            },
+        }
+    }
+
+    /// The key's next item may run.
+    fn release_key(&mut self, key: Option<u64>) {
+        let Some(key) = key else { return };
+        if let Entry::Occupied(mut lane) = self.lanes.entry(key) {
+            match lane.get_mut().pop_front() {
+                Some(next) => self.ready.push_back(next),
+                None => {
+                    lane.remove();
+                }
+            }
+        }
+    }
+
+    fn done<K: Sink<Token = T>>(&mut self, shared: &Shared<K>, done: Done<T>) {
+        match done {
+            Done::Settled(item) => {
+                self.held.remove(&item.seq);
+                self.release_key(item.key);
+            }
+            Done::Again(item, delay) => {
+                if !shared.sink.owns(&item.token) {
+                    self.held.remove(&item.seq);
+                    self.release_key(item.key);
+                    return;
+                }
+                let now = Instant::now();
+                let at = now
+                    .checked_add(delay)
+                    .unwrap_or(now + Duration::from_secs(86_400));
+                self.delayed.insert((at, item.seq), item);
+            }
+            Done::Abandoned(item) => {
+                self.held.remove(&item.seq);
+                if let Ok(envelope) = item.envelope {
+                    self.unfinished
+                        .push(Unfinished::new(shared.spec.group.clone(), envelope));
+                }
+            }
+        }
+    }
+
+    /// Moves due retries to the front of the line (they own their key).
+    fn due(&mut self) {
+        let now = Instant::now();
+        while let Some(entry) = self.delayed.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            self.ready.push_front(entry.remove());
+        }
+    }
+
+    /// Drops what is no longer this consumer's: the broker gives it to the
+    /// new owner.
+    fn revoke<K: Sink<Token = T>>(&mut self, shared: &Shared<K>) {
+        let sink = &*shared.sink;
+        let Self {
+            ready,
+            lanes,
+            delayed,
+            held,
+            ..
+        } = self;
+        let mut freed = Vec::new();
+        let mut keep = |item: &Item<T>, owner: bool| {
+            let owned = sink.owns(&item.token);
+            if !owned {
+                held.remove(&item.seq);
+                if owner {
+                    freed.push(item.key);
+                }
+            }
+            owned
+        };
+        // Items waiting in a lane: their key is their owner's.
+        for lane in lanes.values_mut() {
+            lane.retain(|item| keep(item, false));
+        }
+        // Owners of their key (or keyless): dropping one frees its key.
+        ready.retain(|item| keep(item, true));
+        delayed.retain(|_, item| keep(item, true));
+        for key in freed {
+            self.release_key(key);
+        }
+    }
+}
+
+/// Handles one item and settles it.
+async fn handle<K: Sink>(shared: Arc<Shared<K>>, mut item: Item<K::Token>) -> Done<K::Token> {
+    let sink = &*shared.sink;
+    let retry = &shared.spec.retry;
+    let verdict = match item.verdict.take() {
+        Some(verdict) => verdict,
+        None => {
+            let outcome = match (&item.envelope, item.delivered) {
+                (Err(why), _) => Outcome::DeadLetter {
+                    reason: DeadLetterReason::Undecodable,
+                    error: format!("not a Seambus envelope: {why}"),
+                },
+                (Ok(_), Some(n)) if shared.limits.delivery_limit.is_some_and(|l| n > l) => {
+                    Outcome::DeadLetter {
+                        reason: DeadLetterReason::MaxAttempts,
+                        error: format!(
+                            "delivered {n} times, over the delivery limit (a process kept dying while handling it)"
+                        ),
+                    }
+                }
+                (Ok(envelope), _) => {
+                    let delivery = Delivery {
+                        envelope: envelope.clone(),
+                        attempt: item.attempt,
+                    };
+                    tokio::select! {
+                        biased;
+                        _ = shared.signals.stop.cancelled() => {
+                            // The deadline: not a failure, not an attempt.
+                            if sink.owns(&item.token) {
+                                sink.release(&item.token).await;
+                            }
+                            return Done::Abandoned(item);
+                        }
+                        outcome = call_guarded(&*shared.handler, delivery) => outcome,
+                    }
+                }
+            };
+            match outcome {
+                Outcome::Ack => {
+                    if let Err(e) = sink.ack(&item.token).await {
+                        // The broker redelivers it: a duplicate, never a loss.
+                        tracing::warn!(group = %shared.spec.group, error = %e, "could not acknowledge an event; it will come again");
+                    }
+                    return Done::Settled(item);
+                }
+                Outcome::Retry { error } if item.attempt < retry.max_attempts => {
+                    let delay = retry.delay(item.attempt);
+                    let next = item.attempt + 1;
+                    shared
+                        .handler
+                        .settled(&shared.spec.group, Settlement::Retry);
+                    if let (None, Ok(envelope)) = (item.key, &item.envelope) {
+                        match sink.retry_later(&item.token, envelope, next, delay).await {
+                            Ok(true) => return Done::Settled(item),
+                            Ok(false) => {}
+                            Err(e) => {
+                                tracing::warn!(group = %shared.spec.group, error = %e, "cannot schedule a retry on the broker; retrying here")
+                            }
+                        }
+                    }
+                    tracing::debug!(group = %shared.spec.group, %error, ?delay, next, "retrying");
+                    item.attempt = next;
+                    return Done::Again(item, delay);
+                }
+                Outcome::Retry { error } => Verdict {
+                    reason: DeadLetterReason::MaxAttempts,
+                    error,
+                    attempts: item.attempt,
+                },
+                Outcome::DeadLetter { reason, error } => Verdict {
+                    reason,
+                    error,
+                    attempts: item.attempt,
+                },
+            }
+        }
+    };
+    let verdict = Verdict {
+        error: super::support::header_text(&verdict.error),
+        ..verdict
+    };
+    match sink
+        .dead_letter(&item.token, item.envelope.as_ref().ok(), &verdict)
+        .await
+    {
+        Ok(()) => {
+            log_dead_letter(&shared.spec.group, &item, &verdict);
+            shared
+                .handler
+                .settled(&shared.spec.group, Settlement::DeadLettered(verdict.reason));
+            Done::Settled(item)
+        }
+        Err(e) => {
+            tracing::error!(group = %shared.spec.group, id = ?item.envelope.as_ref().ok().map(Envelope::id), error = %e, "cannot store a dead letter; keeping the event and trying again");
+            item.verdict = Some(verdict);
+            Done::Again(item, DEAD_LETTER_AGAIN)
+        }
+    }
+}
+
+fn log_dead_letter<T>(group: &GroupId, item: &Item<T>, verdict: &Verdict) {
+    let id = item.envelope.as_ref().ok().map(Envelope::id);
+    tracing::warn!(%group, ?id, reason = %verdict.reason, attempts = verdict.attempts, error = %verdict.error, "event dead-lettered");
+}

@@ -1,0 +1,214 @@
+//! The wire binding: subjects and consumer names, the CloudEvents header
+//! binding, the attempt header, dead-letter headers and the redrive filter.
+
+use async_nats::header::HeaderMap;
+use bytes::Bytes;
+use seambus::transport::support::{dead_letter_from, starts_with_ignore_case};
+use seambus::transport::{engine::Verdict, DeadLetter, GroupId};
+use seambus::{Attributes, Envelope, Result};
+
+/// Prefix of the CloudEvents attribute headers.
+pub(crate) const CE_PREFIX: &str = "ce-";
+/// The header that carries `datacontenttype`.
+pub(crate) const CONTENT_TYPE: &str = "content-type";
+/// JetStream's de-duplication header.
+pub(crate) const MSG_ID: &str = "Nats-Msg-Id";
+
+/// The subject of an event: `<prefix>.<event name>`.
+pub(crate) fn event_subject(prefix: &str, event_type: &str) -> String {
+    format!("{prefix}.{event_type}")
+}
+
+/// Headers that belong to the transport, not to the user.
+pub(crate) fn is_transport_header(name: &str) -> bool {
+    name.eq_ignore_ascii_case(CONTENT_TYPE)
+        || starts_with_ignore_case(name, "nats-")
+        || starts_with_ignore_case(name, "seambus-")
+}
+
+/// The envelope's attributes as NATS headers: `ce-<attribute>` for each
+/// CloudEvents attribute, `content-type` for `datacontenttype`, user headers
+/// as they are.
+pub(crate) fn headers_of(attrs: &Attributes) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    for (name, value) in attrs.to_wire_headers(CE_PREFIX) {
+        if name == "ce-datacontenttype" {
+            headers.insert(CONTENT_TYPE, value);
+        } else {
+            headers.insert(name.as_str(), value);
+        }
+    }
+    headers
+}
+
+/// Reads an envelope back from a message's headers and payload.
+pub(crate) fn envelope_of(headers: Option<&HeaderMap>, payload: Bytes) -> Result<Envelope> {
+    let empty = HeaderMap::new();
+    let headers = headers.unwrap_or(&empty);
+    let pairs = headers.iter().flat_map(|(name, values)| {
+        values
+            .iter()
+            .map(move |v| (AsRef::<str>::as_ref(name), AsRef::<str>::as_ref(v)))
+    });
+    let mut attrs = Attributes::from_wire_headers(CE_PREFIX, pairs, is_transport_header)?;
+    if let Some(ct) = headers.get(CONTENT_TYPE) {
+        attrs.data_content_type = ct.as_str().to_owned().into();
+    }
+    Ok(Envelope::from_bytes(attrs, payload))
+}
+
+/// Header naming the only group a redriven event is for.
+pub(crate) const REDRIVE_GROUP: &str = "seambus-redrive-group";
+pub(crate) const DL_REASON: &str = "seambus-dl-reason";
+pub(crate) const DL_ERROR: &str = "seambus-dl-error";
+pub(crate) const DL_ATTEMPTS: &str = "seambus-dl-attempts";
+pub(crate) const DL_TIME: &str = "seambus-dl-time";
+pub(crate) const DL_GROUP: &str = "seambus-dl-group";
+pub(crate) const DL_SUBJECT: &str = "seambus-dl-subject";
+pub(crate) const DL_ID: &str = "seambus-dl-id";
+
+/// The durable consumer of a group. Consumer names cannot hold `.`, and
+/// our names never hold `~`, so `.` becomes `~` and `~~` joins module and
+/// subscription: distinct groups get distinct names.
+pub(crate) fn consumer_name(group: &GroupId) -> String {
+    format!(
+        "{}~~{}",
+        group.module().replace('.', "~"),
+        group.subscription().replace('.', "~")
+    )
+}
+
+/// The dead-letter subject of a group.
+pub(crate) fn dead_letter_subject(prefix: &str, group: &GroupId) -> String {
+    format!("{prefix}_dlq.{}", consumer_name(group))
+}
+
+/// The attempt this delivery is (absent: 1). Set by nothing but a redrive
+/// today, so that the server's redelivery count (which counts shutdowns)
+/// is never taken for the attempt.
+pub(crate) const ATTEMPT: &str = "seambus-attempt";
+
+/// The attempt a message carries.
+pub(crate) fn attempt_of(headers: Option<&HeaderMap>) -> u32 {
+    headers
+        .and_then(|h| h.get(ATTEMPT))
+        .and_then(|v| v.as_str().parse().ok())
+        .unwrap_or(1)
+}
+
+/// Whether a message is a redrive meant for another group (`consumer` is
+/// this group's consumer name).
+pub(crate) fn for_other_group(headers: Option<&HeaderMap>, consumer: &str) -> bool {
+    headers
+        .and_then(|h| h.get(REDRIVE_GROUP))
+        .is_some_and(|target| target.as_str() != consumer)
+}
+
+/// The headers of a dead letter: the event's own (or the message's, when it
+/// is not an envelope) plus the `seambus-dl-*` ones.
+pub(crate) fn dead_letter_headers(
+    envelope: Option<&Envelope>,
+    original: Option<&HeaderMap>,
+    verdict: &Verdict,
+    group: &GroupId,
+    subject: &str,
+    msg_id: &str,
+) -> HeaderMap {
+    let mut headers = match envelope {
+        Some(envelope) => headers_of(envelope.attributes()),
+        None => original.cloned().unwrap_or_default(),
+    };
+    let id = envelope.map_or_else(uuid::Uuid::now_v7, Envelope::id);
+    headers.insert(DL_REASON, verdict.reason.as_str());
+    headers.insert(DL_ERROR, verdict.error.as_str());
+    headers.insert(DL_ATTEMPTS, verdict.attempts.to_string());
+    headers.insert(DL_TIME, chrono::Utc::now().to_rfc3339());
+    headers.insert(DL_GROUP, group.to_string());
+    headers.insert(DL_SUBJECT, subject);
+    headers.insert(DL_ID, id.to_string());
+    headers.insert(MSG_ID, msg_id);
+    headers
+}
+
+/// The headers of a redriven dead letter: the original ones without the
+/// dead-letter headers, for `consumer`'s group only, attempt 1.
+pub(crate) fn redrive_headers(stored: &HeaderMap, consumer: &str, msg_id: &str) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    for (name, values) in stored.iter() {
+        let name: &str = name.as_ref();
+        if starts_with_ignore_case(name, "seambus-dl-") || name.eq_ignore_ascii_case(ATTEMPT) {
+            continue;
+        }
+        for value in values {
+            headers.append(name, value.as_str());
+        }
+    }
+    headers.insert(MSG_ID, msg_id);
+    headers.insert(REDRIVE_GROUP, consumer);
+    headers
+}
+
+/// Reads a stored dead letter back.
+pub(crate) fn dead_letter_of(group: &GroupId, headers: &HeaderMap, payload: Bytes) -> DeadLetter {
+    dead_letter_from(
+        group,
+        envelope_of(Some(headers), payload.clone()),
+        &payload,
+        |name| {
+            let header = match name {
+                "reason" => DL_REASON,
+                "error" => DL_ERROR,
+                "attempts" => DL_ATTEMPTS,
+                "time" => DL_TIME,
+                "id" => DL_ID,
+                "origin" => DL_SUBJECT,
+                _ => return None,
+            };
+            headers.get(header).map(|v| v.as_str().to_owned())
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use seambus::ErrorKind;
+
+    #[test]
+    fn headers_round_trip() {
+        let mut attrs = Attributes::new("orders", "orders.order_placed", 2);
+        attrs.partition_key = Some("k".into());
+        attrs.headers.push(("x-tenant".into(), "acme".into()));
+        let headers = headers_of(&attrs);
+        assert_eq!(
+            headers.get(CONTENT_TYPE).map(|v| v.as_str()),
+            Some("application/json")
+        );
+        let env = envelope_of(Some(&headers), Bytes::from_static(b"{}")).unwrap();
+        assert_eq!(env.attributes(), &attrs);
+    }
+
+    #[test]
+    fn header_names_are_never_sliced_inside_a_character() {
+        // 'é' straddles byte 5 and byte 8: slicing there panicked.
+        for name in ["abcdé", "abcdéfg", "seambuséé", "ñ", "nats-é"] {
+            let _ = is_transport_header(name);
+        }
+        assert!(is_transport_header("NATS-Msg-Id"));
+        assert!(is_transport_header("Seambus-attempt"));
+        assert!(!is_transport_header("x-tenant"));
+        let mut stored = HeaderMap::new();
+        stored.insert("seambus-dl-reason", "rejected");
+        stored.insert("x-tenant", "acme");
+        let out = redrive_headers(&stored, "m~~s", "id-1");
+        assert!(out.get("seambus-dl-reason").is_none());
+        assert_eq!(out.get("x-tenant").map(|v| v.as_str()), Some("acme"));
+        assert_eq!(out.get(REDRIVE_GROUP).map(|v| v.as_str()), Some("m~~s"));
+    }
+
+    #[test]
+    fn a_plain_message_is_not_an_envelope() {
+        let err = envelope_of(None, Bytes::from_static(b"hello")).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Decode);
+    }
+}
