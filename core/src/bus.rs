@@ -877,6 +877,13 @@ impl Subscription {
         self.transport.redrive(&self.group, ids).await
     }
 
+    /// Removes dead letters (those with `ids`, or all) of this group for
+    /// good. Returns how many were removed. Dead letters are never removed
+    /// otherwise (except by [`Subscription::redrive`]).
+    pub async fn discard_dead_letters(&self, ids: Option<&[Uuid]>) -> Result<usize> {
+        self.transport.discard_dead_letters(&self.group, ids).await
+    }
+
     /// Stops this subscription after its in-flight handlers finish. The
     /// group and its pending events stay on the transport; subscribing
     /// again with the same module and name resumes them.

@@ -24,8 +24,8 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::transport::support::call_guarded;
 use crate::transport::{
     Capabilities, Consumer, DeadLetter, DeadLetterReason, Delivery, DeliveryHandler, Dispatch,
-    GroupId, Ordering, Outcome, RetryPolicy, ShutdownReport, SubscriptionSpec, Transport,
-    TryPublish, Unfinished,
+    GroupId, Ordering, Outcome, RetryPolicy, Settlement, ShutdownReport, SubscriptionSpec,
+    Transport, TryPublish, Unfinished,
 };
 
 /// What `publish` does when a group's queue is full.
@@ -50,8 +50,20 @@ pub struct InProcessConfig {
     pub queue_capacity: usize,
     /// What `publish` does when a group is full. Default [`WhenFull::Wait`].
     pub when_full: WhenFull,
-    /// Dead letters kept in memory; past this the oldest is dropped with an
-    /// error log. Default 10 000.
+    /// Dead letters kept in memory **per group** (each group has its own
+    /// store, so one group's failures never touch another's). Default
+    /// 10 000; at least 1 (0 is raised to 1: a store that keeps nothing
+    /// would lose dead letters).
+    ///
+    /// Nothing is ever evicted. When a group's store is full, its next dead
+    /// letter waits, with the group, for room: a queued event keeps its queue
+    /// slot and its partition key (so a full store holds publishers back
+    /// through the bounded queue, and later events of that key wait), an
+    /// inline one keeps its publisher waiting. The store logs one error when
+    /// it becomes full. [`Transport::discard_dead_letters`] and
+    /// [`Transport::redrive`] make room, and the waiting dead letters then
+    /// enter the store in the order they were dead-lettered. Those still
+    /// waiting at shutdown are in [`ShutdownReport::unfinished`].
     pub dead_letter_capacity: usize,
 }
 
@@ -78,9 +90,10 @@ impl InProcessConfig {
         self
     }
 
-    /// Sets [`InProcessConfig::dead_letter_capacity`].
+    /// Sets [`InProcessConfig::dead_letter_capacity`] (per group, at least
+    /// 1).
     pub fn with_dead_letter_capacity(mut self, n: usize) -> Self {
-        self.dead_letter_capacity = n;
+        self.dead_letter_capacity = n.max(1);
         self
     }
 }
@@ -97,10 +110,18 @@ impl InProcessConfig {
 ///   [`WhenFull`]);
 /// - **retries** are timers, not sleeping workers, so a waiting retry never
 ///   blocks other keys; after the last attempt the event is dead-lettered;
-/// - **dead letters** are kept in memory, listed and redriven through
-///   [`Transport::dead_letters`] and [`Transport::redrive`];
-/// - **shutdown** drains until the deadline and hands back what is left in
-///   [`ShutdownReport::unfinished`].
+/// - **dead letters** are kept in memory, one bounded store per group that
+///   never evicts (see [`InProcessConfig::dead_letter_capacity`]), listed,
+///   redriven and discarded through [`Transport::dead_letters`],
+///   [`Transport::redrive`] and [`Transport::discard_dead_letters`];
+/// - **shutdown** drains until the deadline, inline runs in progress
+///   included, and hands back what is left in [`ShutdownReport::unfinished`].
+///   An inline run cut off by the deadline (in its handler, waiting to
+///   retry, or waiting for room in a full dead-letter store) is not a
+///   failure and is not dead-lettered: its event is in the report, and its
+///   `publish` returns Ok (the event was accepted, like a queued one the
+///   drain did not reach). A publish that starts after shutdown began fails
+///   with [`ErrorKind::Closed`].
 ///
 /// Events are not persistent: they live in this process.
 pub struct InProcessTransport {
@@ -125,14 +146,20 @@ struct Shared {
     config: InProcessConfig,
     topics: RwLock<HashMap<String, Topic>>,
     groups: Mutex<HashMap<GroupId, Arc<Group>>>,
-    dead: Mutex<VecDeque<DeadLetter>>,
+    /// One dead-letter store per group (queued or inline), created with the
+    /// group's first subscription and kept for the transport's life.
+    dead: Mutex<HashMap<GroupId, Arc<DeadStore>>>,
     closed: AtomicBool,
     /// Held shared while a publish checks `closed`, takes queue slots and
-    /// pushes; shutdown takes it exclusively once, so no publish that saw
-    /// the transport open can push after the drain began.
+    /// pushes, and while it runs inline handlers; shutdown takes it
+    /// exclusively once, so no publish that saw the transport open can push
+    /// after the drain began, and the inline runs in progress are waited for
+    /// (up to the deadline).
     gate: Gate,
     /// Fired when the shutdown deadline passes: in-flight work is abandoned.
     stop: Signal,
+    /// Inline runs cut off by the shutdown deadline.
+    inline_abandoned: Mutex<Vec<Unfinished>>,
     hasher: std::collections::hash_map::RandomState,
 }
 
@@ -147,6 +174,7 @@ struct InlineGroup {
     id: GroupId,
     handler: Arc<dyn DeliveryHandler>,
     retry: RetryPolicy,
+    dead: Arc<DeadStore>,
 }
 
 struct Group {
@@ -154,6 +182,7 @@ struct Group {
     event_type: String,
     ordered: bool,
     slots: Slots,
+    dead: Arc<DeadStore>,
     state: Mutex<GroupState>,
     /// Workers wait here for work.
     work: Notify,
@@ -174,7 +203,9 @@ struct GroupState {
     delayed: BTreeMap<(Instant, u64), Delivery>,
     seq: u64,
     /// Accepted and not finished (the queue slots' view, counted here too so
-    /// shutdown can wait for zero).
+    /// shutdown can wait for zero). A dead letter waiting for room in the
+    /// full store no longer counts (no worker can do anything for it) but
+    /// keeps its slot and its key until it is stored.
     outstanding: usize,
     workers: usize,
     draining: bool,
@@ -324,6 +355,90 @@ impl Drop for Pass<'_> {
     }
 }
 
+/// One group's dead letters: bounded, never evicting. A dead letter that
+/// finds it full waits for room (see [`InProcessConfig::dead_letter_capacity`]).
+struct DeadStore {
+    group: GroupId,
+    capacity: usize,
+    letters: Mutex<DeadLetters>,
+    /// Inline runs waiting for room.
+    room: Notify,
+    /// A queued dead letter started waiting for room (a redrive waiting for
+    /// a queue slot takes the slot it holds instead).
+    parked: Notify,
+}
+
+#[derive(Default)]
+struct DeadLetters {
+    /// Oldest first.
+    stored: VecDeque<DeadLetter>,
+    /// Dead letters of queued deliveries waiting for room, oldest first;
+    /// each keeps its delivery's queue slot and key.
+    waiting: VecDeque<(DeadLetter, Delivery)>,
+    /// The store refused a dead letter and has had no room since (so it
+    /// logs once when it becomes full, not once per dead letter).
+    full: bool,
+}
+
+impl DeadStore {
+    fn new(group: GroupId, capacity: usize) -> Self {
+        Self {
+            group,
+            capacity: capacity.max(1),
+            letters: Mutex::default(),
+            room: Notify::new(),
+            parked: Notify::new(),
+        }
+    }
+
+    /// Stores `dl`, or hands it back when the store is full.
+    fn try_store(
+        &self,
+        letters: &mut DeadLetters,
+        dl: DeadLetter,
+    ) -> std::result::Result<(), DeadLetter> {
+        if letters.stored.len() < self.capacity {
+            letters.stored.push_back(dl);
+            return Ok(());
+        }
+        if !letters.full {
+            letters.full = true;
+            tracing::error!(
+                group = %self.group,
+                capacity = self.capacity,
+                "in-process dead-letter store of this group is full: new dead letters wait \
+                 with the group (holding their queue slots and keys) until dead letters are \
+                 redriven or discarded"
+            );
+        }
+        Err(dl)
+    }
+
+    /// Removes the stored dead letter `id`.
+    fn remove(letters: &mut DeadLetters, id: Uuid) -> Option<DeadLetter> {
+        let at = letters.stored.iter().position(|d| d.envelope.id() == id)?;
+        letters.stored.remove(at)
+    }
+
+    /// After a removal: moves waiting dead letters into the room there is.
+    /// Returns their deliveries, whose keys and slots the caller releases
+    /// (see [`Shared::room_made`]) once the lock is gone.
+    fn fill(&self, letters: &mut DeadLetters) -> Vec<Delivery> {
+        let mut released = Vec::new();
+        while letters.stored.len() < self.capacity {
+            let Some((dl, delivery)) = letters.waiting.pop_front() else {
+                break;
+            };
+            letters.stored.push_back(dl);
+            released.push(delivery);
+        }
+        if letters.stored.len() < self.capacity {
+            letters.full = false;
+        }
+        released
+    }
+}
+
 /// Slots taken from the first `n` groups, given back unless kept (a publish
 /// cancelled or failed while it waits for room loses no slot).
 struct Taken<'a> {
@@ -377,17 +492,16 @@ impl Group {
         None
     }
 
-    /// The delivery is done for good (acked or dead-lettered): release its
-    /// key to the next event waiting on it, and its queue slot.
-    fn finish(&self, d: &Delivery, hasher: &impl BuildHasher) {
-        let mut st = lock(&self.state);
-        let mut successor = false;
+    /// Hands the delivery's key to the next event waiting on it (true) or
+    /// frees it.
+    #[inline]
+    fn release_key(&self, st: &mut GroupState, d: &Delivery, hasher: &impl BuildHasher) -> bool {
         if let Some(k) = self.key_of(d, hasher) {
             if let Entry::Occupied(mut waiting) = st.busy_keys.entry(k) {
                 match waiting.get_mut().pop_front() {
                     Some(next) => {
                         st.ready.push_back(next);
-                        successor = true;
+                        return true;
                     }
                     None => {
                         waiting.remove();
@@ -395,6 +509,14 @@ impl Group {
                 }
             }
         }
+        false
+    }
+
+    /// The delivery is done for good (acked or dead-lettered): release its
+    /// key to the next event waiting on it, and its queue slot.
+    fn finish(&self, d: &Delivery, hasher: &impl BuildHasher) {
+        let mut st = lock(&self.state);
+        let successor = self.release_key(&mut st, d, hasher);
         st.outstanding -= 1;
         // Only shutdown waits for a group to go idle (it sets `draining`
         // under this lock first), so an idle group outside a drain wakes
@@ -408,6 +530,31 @@ impl Group {
         if idle {
             self.changed.notify_waiters();
             self.work.notify_waiters();
+        }
+    }
+
+    /// The delivery's dead letter waits for room in the full store: the
+    /// workers are done with it, but it keeps its key and its slot.
+    fn park(&self) {
+        let mut st = lock(&self.state);
+        st.outstanding -= 1;
+        let idle = st.outstanding == 0 && st.draining;
+        drop(st);
+        if idle {
+            self.changed.notify_waiters();
+            self.work.notify_waiters();
+        }
+    }
+
+    /// A parked delivery's dead letter was stored: release its key, and its
+    /// slot unless `keep_slot` (a redrive takes the slot over).
+    fn unpark(&self, d: &Delivery, hasher: &impl BuildHasher, keep_slot: bool) {
+        let successor = self.release_key(&mut lock(&self.state), d, hasher);
+        if !keep_slot {
+            self.slots.give_back(1);
+        }
+        if successor {
+            self.work.notify_one();
         }
     }
 
@@ -485,6 +632,7 @@ impl InProcessTransport {
     /// A transport with `config`.
     pub fn new(mut config: InProcessConfig) -> Self {
         config.queue_capacity = config.queue_capacity.max(1);
+        config.dead_letter_capacity = config.dead_letter_capacity.max(1);
         Self {
             shared: Arc::new(Shared {
                 config,
@@ -494,6 +642,7 @@ impl InProcessTransport {
                 closed: AtomicBool::new(false),
                 gate: Gate::default(),
                 stop: Signal::default(),
+                inline_abandoned: Mutex::default(),
                 hasher: Default::default(),
             }),
         }
@@ -518,61 +667,162 @@ impl InProcessTransport {
     }
 }
 
+/// Runs `f` until it finishes or the shutdown deadline passes (`None`).
+/// `f` is polled first, and only one that has to wait creates the wait for
+/// the deadline, so one that finishes at once costs nothing more.
+async fn until_stopped<F: Future>(stop: &Signal, f: F) -> Option<F::Output> {
+    let mut f = std::pin::pin!(f);
+    let mut stopped = std::pin::pin!(None);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(out) = f.as_mut().poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        if stopped.is_none() {
+            stopped.set(Some(stop.fired()));
+        }
+        match stopped.as_mut().as_pin_mut() {
+            Some(stopped) => stopped.poll(cx).map(|()| None),
+            None => Poll::Pending,
+        }
+    })
+    .await
+}
+
+fn log_dead_letter(dl: &DeadLetter) {
+    tracing::warn!(
+        group = %dl.group,
+        id = %dl.envelope.id(),
+        reason = %dl.reason,
+        attempts = dl.attempts,
+        error = %dl.error,
+        "event dead-lettered"
+    );
+}
+
 impl Shared {
-    fn dead_letter(&self, dl: DeadLetter) {
-        tracing::warn!(
-            group = %dl.group,
-            id = %dl.envelope.id(),
-            reason = %dl.reason,
-            attempts = dl.attempts,
-            error = %dl.error,
-            "event dead-lettered"
-        );
-        let mut dead = lock(&self.dead);
-        if dead.len() >= self.config.dead_letter_capacity {
-            if let Some(old) = dead.pop_front() {
-                tracing::error!(
-                    group = %old.group,
-                    id = %old.envelope.id(),
-                    "in-process dead-letter store full: dropping the oldest dead letter"
-                );
+    /// The group's dead-letter store, created on first use.
+    fn dead_store(&self, group: &GroupId) -> Arc<DeadStore> {
+        lock(&self.dead)
+            .entry(group.clone())
+            .or_insert_with(|| {
+                Arc::new(DeadStore::new(
+                    group.clone(),
+                    self.config.dead_letter_capacity,
+                ))
+            })
+            .clone()
+    }
+
+    /// The group's dead-letter store, if it has one.
+    fn dead_store_of(&self, group: &GroupId) -> Option<Arc<DeadStore>> {
+        lock(&self.dead).get(group).cloned()
+    }
+
+    /// A queued delivery's dead letter: stored and the delivery finished,
+    /// or, if the store is full, parked with the delivery (which keeps its
+    /// slot and key) until room is made.
+    fn dead_letter_queued(&self, group: &Group, delivery: Delivery, dl: DeadLetter) {
+        log_dead_letter(&dl);
+        let mut letters = lock(&group.dead.letters);
+        match group.dead.try_store(&mut letters, dl) {
+            Ok(()) => {
+                drop(letters);
+                group.finish(&delivery, &self.hasher);
+            }
+            Err(dl) => {
+                letters.waiting.push_back((dl, delivery));
+                drop(letters);
+                group.park();
+                group.dead.parked.notify_waiters();
             }
         }
-        if self.config.dead_letter_capacity > 0 {
-            dead.push_back(dl);
+    }
+
+    /// An inline run's dead letter: stored, after waiting for room while
+    /// the store is full. False if the shutdown deadline passed first (the
+    /// caller reports the event unfinished).
+    async fn dead_letter_inline(&self, store: &DeadStore, mut dl: DeadLetter) -> bool {
+        log_dead_letter(&dl);
+        loop {
+            let room = store.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            dl = match store.try_store(&mut lock(&store.letters), dl) {
+                Ok(()) => return true,
+                Err(dl) => dl,
+            };
+            if until_stopped(&self.stop, room).await.is_none() {
+                return false;
+            }
         }
+    }
+
+    /// Room was made in `store`: release the keys and slots of the dead
+    /// letters that moved in, and wake inline runs waiting for room.
+    fn room_made(&self, store: &DeadStore, released: Vec<Delivery>) {
+        if !released.is_empty() {
+            if let Some(g) = lock(&self.groups).get(&store.group).cloned() {
+                for d in &released {
+                    g.unpark(d, &self.hasher, false);
+                }
+            }
+        }
+        store.room.notify_waiters();
     }
 
     fn closed_error() -> Error {
         Error::new(ErrorKind::Closed, "the in-process transport is shut down")
     }
 
-    /// Runs inline subscriptions in the publisher's task, with retries.
-    async fn run_inline(&self, group: &InlineGroup, envelope: &Envelope) {
+    /// Runs an inline subscription in the caller's task, with retries.
+    /// False when the shutdown deadline cut the run off (in the handler,
+    /// waiting to retry, or waiting for room in the dead-letter store): no
+    /// failure counted, nothing dead-lettered; the caller reports the event.
+    async fn run_inline(&self, group: &InlineGroup, envelope: &Envelope) -> bool {
         let mut attempt = 1;
         loop {
             let delivery = Delivery {
                 envelope: envelope.clone(),
                 attempt,
             };
-            let (reason, error) = match group.handler.handle(delivery).await {
-                Outcome::Ack => return,
+            let handling = call_guarded(&*group.handler, delivery);
+            let Some(outcome) = until_stopped(&self.stop, handling).await else {
+                return false;
+            };
+            let (reason, error) = match outcome {
+                Outcome::Ack => return true,
                 Outcome::Retry { .. } if attempt < group.retry.max_attempts => {
-                    tokio::time::sleep(group.retry.delay(attempt)).await;
+                    group.handler.settled(&group.id, Settlement::Retry);
+                    let wait = tokio::time::sleep(group.retry.delay(attempt));
+                    if until_stopped(&self.stop, wait).await.is_none() {
+                        return false;
+                    }
                     attempt += 1;
                     continue;
                 }
                 Outcome::Retry { error } => (DeadLetterReason::MaxAttempts, error),
                 Outcome::DeadLetter { reason, error } => (reason, error),
             };
-            self.dead_letter(DeadLetter::new(
-                envelope.clone(),
-                group.id.clone(),
-                reason,
-                error,
-                attempt,
-            ));
-            return;
+            group
+                .handler
+                .settled(&group.id, Settlement::DeadLettered(reason));
+            let dl = DeadLetter::new(envelope.clone(), group.id.clone(), reason, error, attempt);
+            return self.dead_letter_inline(&group.dead, dl).await;
+        }
+    }
+
+    /// Runs the inline groups in turn; the shutdown deadline cuts the run
+    /// off, and this group and the ones after it get the event back in the
+    /// shutdown report.
+    async fn run_inline_all(&self, groups: &[Arc<InlineGroup>], envelope: &Envelope) {
+        for (i, group) in groups.iter().enumerate() {
+            if !self.run_inline(group, envelope).await {
+                let mut cut = lock(&self.inline_abandoned);
+                for g in &groups[i..] {
+                    cut.push(Unfinished::new(g.id.clone(), envelope.clone()));
+                }
+                return;
+            }
         }
     }
 }
@@ -660,11 +910,15 @@ impl Transport for InProcessTransport {
             taken.n += 1;
         }
         taken.keep();
-        push_all(&topic.queued, envelope.clone());
-        drop(pass);
-        for group in topic.inline.iter() {
-            self.shared.run_inline(group, &envelope).await;
+        if topic.inline.is_empty() {
+            push_all(&topic.queued, envelope);
+            return Ok(());
         }
+        push_all(&topic.queued, envelope.clone());
+        // Still inside the gate: shutdown waits for inline runs as it waits
+        // for queued work, and cuts them off at its deadline.
+        self.shared.run_inline_all(&topic.inline, &envelope).await;
+        drop(pass);
         Ok(())
     }
 
@@ -687,6 +941,7 @@ impl Transport for InProcessTransport {
                 id: spec.group.clone(),
                 handler,
                 retry: spec.retry.clone(),
+                dead: self.shared.dead_store(&spec.group),
             });
             self.edit_topic(&spec.event_type, |t| {
                 t.inline = t.inline.iter().cloned().chain([inline.clone()]).collect();
@@ -716,6 +971,7 @@ impl Transport for InProcessTransport {
                         event_type: spec.event_type.to_string(),
                         ordered: spec.ordering == Ordering::ByKey,
                         slots: Slots::new(self.shared.config.queue_capacity),
+                        dead: self.shared.dead_store(&spec.group),
                         state: Mutex::default(),
                         work: Notify::new(),
                         changed: Notify::new(),
@@ -748,11 +1004,11 @@ impl Transport for InProcessTransport {
     }
 
     async fn dead_letters(&self, group: &GroupId) -> Result<Vec<DeadLetter>> {
-        Ok(lock(&self.shared.dead)
-            .iter()
-            .filter(|d| &d.group == group)
-            .cloned()
-            .collect())
+        Ok(self
+            .shared
+            .dead_store_of(group)
+            .map(|store| lock(&store.letters).stored.iter().cloned().collect())
+            .unwrap_or_default())
     }
 
     async fn redrive(&self, group: &GroupId, ids: Option<&[Uuid]>) -> Result<usize> {
@@ -768,42 +1024,71 @@ impl Transport for InProcessTransport {
                 format!("group {group} has no subscription on this transport to redrive to"),
             ));
         }
-        let wanted: Vec<Uuid> = lock(&self.shared.dead)
+        let Some(store) = self.shared.dead_store_of(group) else {
+            return Ok(0);
+        };
+        let wanted: Vec<Uuid> = lock(&store.letters)
+            .stored
             .iter()
-            .filter(|d| &d.group == group && ids.is_none_or(|ids| ids.contains(&d.envelope.id())))
+            .filter(|d| ids.is_none_or(|ids| ids.contains(&d.envelope.id())))
             .map(|d| d.envelope.id())
             .collect();
         let mut n = 0;
         for id in wanted {
-            // A dead letter leaves the store only once its group took it, so
-            // a redrive cancelled while waiting loses nothing.
-            let take = |dead: &mut VecDeque<DeadLetter>| {
-                let at = dead
-                    .iter()
-                    .position(|d| &d.group == group && d.envelope.id() == id)?;
-                dead.remove(at)
+            let Some(_pass) = self.shared.gate.enter() else {
+                return Err(Shared::closed_error());
             };
-            if let Some(g) = &target {
-                let Some(_pass) = self.shared.gate.enter() else {
-                    return Err(Shared::closed_error());
-                };
-                if self.shared.closed.load(SeqCst) || !g.slots.take().await {
-                    return Err(Shared::closed_error());
-                }
-                // Redriven concurrently by someone else: skip it.
-                let Some(dl) = take(&mut lock(&self.shared.dead)) else {
-                    g.slots.give_back(1);
-                    continue;
-                };
-                g.push(dl.envelope, 1);
-            } else if let Some(inline) = &inline {
-                let Some(dl) = take(&mut lock(&self.shared.dead)) else {
-                    continue;
-                };
-                self.shared.run_inline(inline, &dl.envelope).await;
+            if self.shared.closed.load(SeqCst) {
+                return Err(Shared::closed_error());
             }
-            n += 1;
+            let redriven = if let Some(g) = &target {
+                self.redrive_queued(g, &store, id).await?
+            } else if let Some(inline) = &inline {
+                // Redriven concurrently by someone else: skip it.
+                let Some(dl) = self.take_dead_letter(&store, id) else {
+                    continue;
+                };
+                // A redrive dropped while the handler runs puts the dead
+                // letter back (or has it wait for room).
+                let envelope = dl.envelope.clone();
+                let mut back = PutBack {
+                    store: &store,
+                    dl: Some(dl),
+                };
+                self.shared
+                    .run_inline_all(std::slice::from_ref(inline), &envelope)
+                    .await;
+                back.dl = None;
+                true
+            } else {
+                false
+            };
+            n += usize::from(redriven);
         }
+        Ok(n)
+    }
+
+    async fn discard_dead_letters(&self, group: &GroupId, ids: Option<&[Uuid]>) -> Result<usize> {
+        let Some(store) = self.shared.dead_store_of(group) else {
+            return Ok(0);
+        };
+        let mut letters = lock(&store.letters);
+        let before = letters.stored.len();
+        match ids {
+            None => letters.stored.clear(),
+            Some(ids) => {
+                let ids: std::collections::HashSet<&Uuid> = ids.iter().collect();
+                letters.stored.retain(|d| !ids.contains(&d.envelope.id()));
+            }
+        }
+        let n = before - letters.stored.len();
+        if n == 0 {
+            return Ok(0);
+        }
+        let released = store.fill(&mut letters);
+        drop(letters);
+        tracing::info!(%group, discarded = n, "in-process dead letters discarded");
+        self.shared.room_made(&store, released);
         Ok(n)
     }
 
@@ -814,24 +1099,32 @@ impl Transport for InProcessTransport {
         for g in all_groups() {
             g.slots.close();
         }
-        // Publishers waiting for a queue slot fail now that the queues are
-        // closed; wait until none is between its check and its push, and no
-        // subscribe is creating a group.
-        self.shared.gate.close().await;
-        let groups = all_groups();
-        for g in &groups {
-            g.slots.close();
-            lock(&g.state).draining = true;
-            g.work.notify_waiters();
-        }
-        let drain = async {
+        let start_drain = || -> Vec<Arc<Group>> {
+            let groups = all_groups();
             for g in &groups {
+                g.slots.close();
+                lock(&g.state).draining = true;
+                g.work.notify_waiters();
+            }
+            groups
+        };
+        let drain = async {
+            // Publishers waiting for a queue slot fail now that the queues
+            // are closed; wait until none is between its check and its push,
+            // and until the inline runs in progress end (they hold their
+            // pass while their handlers run).
+            self.shared.gate.close().await;
+            for g in &start_drain() {
                 wait_for(g, |st| st.outstanding == 0 || st.workers == 0).await;
             }
         };
         let in_time = tokio::time::timeout(deadline, drain).await.is_ok();
-        // Abandon what is still running and wait for the workers to leave.
+        // Abandon what is still running; wait for the inline runs (each
+        // waits for the stop signal too, so they leave as soon as they are
+        // polled) and the workers to leave.
         self.shared.stop.fire();
+        self.shared.gate.close().await;
+        let groups = start_drain();
         for g in &groups {
             wait_for(g, |st| st.workers == 0).await;
         }
@@ -843,6 +1136,19 @@ impl Transport for InProcessTransport {
                     .push(Unfinished::new(g.id.clone(), envelope));
             }
         }
+        report
+            .unfinished
+            .append(&mut lock(&self.shared.inline_abandoned));
+        // Dead letters still waiting for room: handed back, never lost.
+        let stores: Vec<Arc<DeadStore>> = lock(&self.shared.dead).values().cloned().collect();
+        for store in stores {
+            let waiting = std::mem::take(&mut lock(&store.letters).waiting);
+            for (dl, _) in waiting {
+                report
+                    .unfinished
+                    .push(Unfinished::new(store.group.clone(), dl.envelope));
+            }
+        }
         report.drained = in_time && report.unfinished.is_empty();
         if !report.unfinished.is_empty() {
             tracing::warn!(
@@ -851,6 +1157,89 @@ impl Transport for InProcessTransport {
             );
         }
         Ok(report)
+    }
+}
+
+/// Puts a dead letter taken out for an inline redrive back if the redrive
+/// is dropped before its run ends.
+struct PutBack<'a> {
+    store: &'a DeadStore,
+    dl: Option<DeadLetter>,
+}
+
+impl Drop for PutBack<'_> {
+    fn drop(&mut self) {
+        let Some(dl) = self.dl.take() else {
+            return;
+        };
+        let mut letters = lock(&self.store.letters);
+        if let Err(dl) = self.store.try_store(&mut letters, dl) {
+            // No queued group owns this delivery: nothing to release later.
+            let delivery = Delivery {
+                envelope: dl.envelope.clone(),
+                attempt: dl.attempts,
+            };
+            letters.waiting.push_back((dl, delivery));
+        }
+    }
+}
+
+impl InProcessTransport {
+    /// Takes the stored dead letter `id` out of `store`, making room.
+    fn take_dead_letter(&self, store: &DeadStore, id: Uuid) -> Option<DeadLetter> {
+        let mut letters = lock(&store.letters);
+        let dl = DeadStore::remove(&mut letters, id)?;
+        let released = store.fill(&mut letters);
+        drop(letters);
+        self.shared.room_made(store, released);
+        Some(dl)
+    }
+
+    /// Sends the stored dead letter `id` back to queued group `g`; false if
+    /// someone else took it first. The dead letter leaves the store only
+    /// once the group has a queue slot for it, so a redrive cancelled while
+    /// it waits loses nothing.
+    async fn redrive_queued(&self, g: &Arc<Group>, store: &DeadStore, id: Uuid) -> Result<bool> {
+        loop {
+            let parked = store.parked.notified();
+            tokio::pin!(parked);
+            parked.as_mut().enable();
+            {
+                let mut letters = lock(&store.letters);
+                let Some(at) = letters.stored.iter().position(|d| d.envelope.id() == id) else {
+                    return Ok(false);
+                };
+                // The store is full and a dead letter waits for room holding
+                // a queue slot (the slots may all be held that way): it
+                // takes this one's place in the store, this one its slot.
+                if let Some((waiting, delivery)) = letters.waiting.pop_front() {
+                    letters.stored.push_back(waiting);
+                    let dl = letters
+                        .stored
+                        .remove(at)
+                        .expect("the dead letter was found under this lock");
+                    drop(letters);
+                    g.unpark(&delivery, &self.shared.hasher, true);
+                    g.push(dl.envelope, 1);
+                    return Ok(true);
+                }
+            }
+            tokio::select! {
+                room = g.slots.take() => {
+                    if !room {
+                        return Err(Shared::closed_error());
+                    }
+                    break;
+                }
+                () = &mut parked => continue,
+            }
+        }
+        let Some(dl) = self.take_dead_letter(store, id) else {
+            g.slots.give_back(1);
+            return Ok(false);
+        };
+        g.push(dl.envelope, 1);
+        Ok(true)
     }
 }
 
@@ -992,6 +1381,7 @@ async fn run_worker(
                 continue;
             }
             Outcome::Retry { .. } if delivery.attempt < retry.max_attempts => {
+                handler.settled(&group.id, Settlement::Retry);
                 let delay = retry.delay(delivery.attempt);
                 group.retry_later(delivery, delay);
                 continue;
@@ -999,14 +1389,15 @@ async fn run_worker(
             Outcome::Retry { error } => (DeadLetterReason::MaxAttempts, error),
             Outcome::DeadLetter { reason, error } => (reason, error),
         };
-        shared.dead_letter(DeadLetter::new(
+        handler.settled(&group.id, Settlement::DeadLettered(reason));
+        let dl = DeadLetter::new(
             delivery.envelope.clone(),
             group.id.clone(),
             reason,
             error,
             delivery.attempt,
-        ));
-        group.finish(&delivery, &shared.hasher);
+        );
+        shared.dead_letter_queued(&group, delivery, dl);
     }
 }
 
