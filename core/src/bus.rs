@@ -59,6 +59,7 @@ pub struct BusBuilder {
     codecs: Codecs,
     verify_codec: bool,
     max_payload: usize,
+    layers: Vec<crate::layer::LayerFn>,
     errors: Vec<Error>,
 }
 
@@ -74,6 +75,7 @@ impl Default for BusBuilder {
             codecs: Codecs::default(),
             verify_codec: std::env::var("SEAMBUS_VERIFY_CODEC").is_ok_and(|v| v == "1"),
             max_payload: DEFAULT_MAX_PAYLOAD,
+            layers: Vec::new(),
             errors: Vec::new(),
         }
     }
@@ -200,6 +202,24 @@ impl BusBuilder {
         self
     }
 
+    /// Wraps the handler of every subscription of this bus in a tower
+    /// [`Layer`](tower::Layer) (see [`crate::layer`]): the first layer added
+    /// sees each event first, and bus layers come before a subscription's
+    /// own ([`SubscribeBuilder::layer`]).
+    pub fn layer<L>(mut self, layer: L) -> Self
+    where
+        L: tower::Layer<crate::layer::HandlerService> + Send + Sync + 'static,
+        L::Service: tower::Service<crate::layer::Request, Response = (), Error = crate::HandlerError>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        <L::Service as tower::Service<crate::layer::Request>>::Future: Send + 'static,
+    {
+        self.layers.push(crate::layer::erase(layer));
+        self
+    }
+
     /// Checks the configuration and builds the bus.
     pub fn build(mut self) -> Result<Bus> {
         if let Some(e) = self.errors.into_iter().next() {
@@ -265,6 +285,7 @@ impl BusBuilder {
                 codecs: Arc::new(self.codecs),
                 verify_codec: self.verify_codec,
                 max_payload: self.max_payload,
+                layers: self.layers,
                 subscriptions: Mutex::default(),
                 closed: AtomicBool::new(false),
             }),
@@ -354,6 +375,7 @@ struct BusInner {
     codecs: Arc<Codecs>,
     verify_codec: bool,
     max_payload: usize,
+    layers: Vec<crate::layer::LayerFn>,
     subscriptions: Mutex<HashSet<GroupId>>,
     closed: AtomicBool,
 }
@@ -652,12 +674,16 @@ impl Module {
     }
 
     /// Subscribes this module to events of type `E` (inferred from the
-    /// handler's first argument). Set options on the returned builder, then
-    /// `.await` it.
-    pub fn subscribe<E: Event, H: Handler<E>>(&self, handler: H) -> SubscribeBuilder<E, H> {
+    /// handler's event argument). Set options on the returned builder (state
+    /// with [`SubscribeBuilder::with_state`], layers, retries, ...), then
+    /// `.await` it; the handler's shape is checked there (see
+    /// [`Handler`]).
+    pub fn subscribe<E, T, H>(&self, handler: H) -> SubscribeBuilder<E, H, T, ()> {
         SubscribeBuilder {
             module: self.clone(),
             handler,
+            state: (),
+            layers: Vec::new(),
             name: None,
             spec_concurrency: 1,
             retry: RetryPolicy::default(),
@@ -671,19 +697,79 @@ impl Module {
 
 /// Options of a subscription; `.await` it to subscribe.
 #[must_use = "a subscription starts only when the builder is awaited"]
-pub struct SubscribeBuilder<E, H> {
+pub struct SubscribeBuilder<E, H, T = (crate::Received<E>, crate::Context), S = ()> {
     module: Module,
     handler: H,
+    state: S,
+    layers: Vec<crate::layer::LayerFn>,
     name: Option<String>,
     spec_concurrency: usize,
     retry: RetryPolicy,
     ordering: Ordering,
     dispatch: Option<Dispatch>,
     timeout: Option<Duration>,
-    _event: PhantomData<fn() -> E>,
+    _event: PhantomData<fn() -> (E, T)>,
 }
 
-impl<E: Event, H: Handler<E>> SubscribeBuilder<E, H> {
+impl<E, H, T, S> SubscribeBuilder<E, H, T, S> {
+    /// Gives the handler shared state: a handler
+    /// `async fn(State<S>, Received<E>, Context)` gets a clone of `state` on
+    /// every call (axum's `with_state`). Put an `Arc` inside for anything
+    /// large.
+    ///
+    /// ```
+    /// use seambus::{Bus, Context, HandlerError, Received, State};
+    /// # #[derive(serde::Serialize, serde::Deserialize, seambus::Event)]
+    /// # #[event(name = "orders.order_placed")]
+    /// # struct OrderPlaced { order_id: u64 }
+    /// #[derive(Clone)]
+    /// struct Db(std::sync::Arc<std::sync::Mutex<Vec<u64>>>);
+    ///
+    /// async fn remember(db: State<Db>, order: Received<OrderPlaced>, _: Context) -> Result<(), HandlerError> {
+    ///     db.0 .0.lock().unwrap().push(order.order_id);
+    ///     Ok(())
+    /// }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> seambus::Result<()> {
+    /// let bus = Bus::new();
+    /// let db = Db(Default::default());
+    /// let sub = bus.module("audit").subscribe(remember).with_state(db.clone()).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn with_state<S2>(self, state: S2) -> SubscribeBuilder<E, H, T, S2> {
+        SubscribeBuilder {
+            module: self.module,
+            handler: self.handler,
+            state,
+            layers: self.layers,
+            name: self.name,
+            spec_concurrency: self.spec_concurrency,
+            retry: self.retry,
+            ordering: self.ordering,
+            dispatch: self.dispatch,
+            timeout: self.timeout,
+            _event: PhantomData,
+        }
+    }
+
+    /// Wraps this subscription's handler in a tower
+    /// [`Layer`](tower::Layer) (see [`crate::layer`]), inside the bus's
+    /// layers; the first added sees each event first.
+    pub fn layer<L>(mut self, layer: L) -> Self
+    where
+        L: tower::Layer<crate::layer::HandlerService> + Send + Sync + 'static,
+        L::Service: tower::Service<crate::layer::Request, Response = (), Error = crate::HandlerError>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        <L::Service as tower::Service<crate::layer::Request>>::Future: Send + 'static,
+    {
+        self.layers.push(crate::layer::erase(layer));
+        self
+    }
+
     /// The subscription's name, unique within the module (default: the
     /// event name). Two handlers of one module for one event need two names.
     pub fn name(mut self, name: impl Into<String>) -> Self {
@@ -736,7 +822,15 @@ impl<E: Event, H: Handler<E>> SubscribeBuilder<E, H> {
         self.dispatch = Some(dispatch);
         self
     }
+}
 
+impl<E, H, T, S> SubscribeBuilder<E, H, T, S>
+where
+    E: Event,
+    T: 'static,
+    S: Send + Sync + 'static,
+    H: Handler<E, T, S>,
+{
     async fn start(self) -> Result<Subscription> {
         let bus = &self.module.bus.inner;
         if bus.closed.load(SeqCst) {
@@ -794,15 +888,16 @@ impl<E: Event, H: Handler<E>> SubscribeBuilder<E, H> {
             }
         }
         let stats = Arc::new(StatsCell::default());
-        let handler = TypedHandler::<E, H>::new(
-            self.handler,
-            group.clone(),
-            self.retry.max_attempts,
-            self.timeout,
-            bus.upcasters.clone(),
-            bus.codecs.clone(),
-            stats.clone(),
-        );
+        let handler = TypedHandler::<E, H, T, S>::new(crate::handler::Parts {
+            handler: self.handler,
+            state: self.state,
+            group: group.clone(),
+            timeout: self.timeout,
+            layers: bus.layers.iter().chain(&self.layers).cloned().collect(),
+            upcasters: bus.upcasters.clone(),
+            codecs: bus.codecs.clone(),
+            stats: stats.clone(),
+        });
         let mut spec = SubscriptionSpec::new(group.clone(), E::NAME);
         spec.concurrency = self.spec_concurrency;
         spec.retry = self.retry;
@@ -827,7 +922,13 @@ impl<E: Event, H: Handler<E>> SubscribeBuilder<E, H> {
     }
 }
 
-impl<E: Event, H: Handler<E>> IntoFuture for SubscribeBuilder<E, H> {
+impl<E, H, T, S> IntoFuture for SubscribeBuilder<E, H, T, S>
+where
+    E: Event,
+    T: 'static,
+    S: Send + Sync + 'static,
+    H: Handler<E, T, S>,
+{
     type Output = Result<Subscription>;
     type IntoFuture = Pin<Box<dyn Future<Output = Result<Subscription>> + Send>>;
 

@@ -13,12 +13,11 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 
 use futures_util::future::BoxFuture;
-use futures_util::FutureExt;
 use tracing::Instrument;
 
 use crate::envelope::Envelope;
 use crate::error::HandlerError;
-use crate::transport::{DeadLetterReason, Delivery, DeliveryHandler, GroupId, Outcome};
+use crate::transport::{DeadLetterReason, Delivery, DeliveryHandler, GroupId, Outcome, Settlement};
 use crate::upcast::{Codecs, Resolved, Upcasters};
 use crate::Event;
 
@@ -102,13 +101,31 @@ impl fmt::Debug for Context {
     }
 }
 
+/// Shared state given to a subscription with
+/// [`SubscribeBuilder::with_state`](crate::SubscribeBuilder::with_state):
+/// a handler that takes `State<S>` as its first argument gets a clone of it
+/// on every call (put an `Arc` inside for anything large).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct State<S>(pub S);
+
+impl<S> Deref for State<S> {
+    type Target = S;
+    fn deref(&self) -> &S {
+        &self.0
+    }
+}
+
 /// An async function or closure that handles events of type `E`.
 ///
 /// Implemented for every `Fn(Received<E>, Context) -> impl Future<Output =
-/// Result<(), HandlerError>>` that is `Send + Sync + 'static`:
+/// Result<(), HandlerError>>` and, for subscriptions given state with
+/// [`SubscribeBuilder::with_state`](crate::SubscribeBuilder::with_state),
+/// every `Fn(State<S>, Received<E>, Context) -> ...`, that is
+/// `Send + Sync + 'static`. `T` tells the two shapes apart; `S` is the
+/// state's type (`()` without state).
 ///
 /// ```
-/// use seambus::{Context, HandlerError, Received};
+/// use seambus::{Context, HandlerError, Received, State};
 /// # #[derive(serde::Serialize, serde::Deserialize, seambus::Event)]
 /// # #[event(name = "orders.order_placed")]
 /// # struct OrderPlaced { order_id: u64 }
@@ -117,30 +134,53 @@ impl fmt::Debug for Context {
 ///     println!("order {} (attempt {})", order.order_id, ctx.attempt());
 ///     Ok(())
 /// }
+///
+/// #[derive(Clone)]
+/// struct Stock { warehouse: &'static str }
+///
+/// async fn reserve_in(stock: State<Stock>, order: Received<OrderPlaced>, _ctx: Context) -> Result<(), HandlerError> {
+///     println!("order {} from {}", order.order_id, stock.warehouse);
+///     Ok(())
+/// }
 /// # fn check<H: seambus::Handler<OrderPlaced>>(_: H) {}
 /// # check(reserve_stock);
+/// # fn check_state<T, H: seambus::Handler<OrderPlaced, T, Stock>>(_: H) {}
+/// # check_state(reserve_in);
 /// ```
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is not a Seambus handler for `{E}`",
-    note = "a handler is an async fn or closure `(Received<E>, Context) -> Result<(), HandlerError>` that is Send + Sync + 'static, returning a Send future"
+    note = "a handler is an async fn or closure `(Received<E>, Context) -> Result<(), HandlerError>`, or `(State<S>, Received<E>, Context) -> ...` with `.with_state(s)`, that is Send + Sync + 'static, returning a Send future"
 )]
-pub trait Handler<E>: Send + Sync + 'static {
+pub trait Handler<E, T = (Received<E>, Context), S = ()>: Send + Sync + 'static {
     /// The future the handler returns.
     type Future: Future<Output = Result<(), HandlerError>> + Send + 'static;
 
     /// Handles one event.
-    fn call(&self, event: Received<E>, ctx: Context) -> Self::Future;
+    fn call(&self, event: Received<E>, ctx: Context, state: &S) -> Self::Future;
 }
 
-impl<E, F, Fut> Handler<E> for F
+impl<E, S, F, Fut> Handler<E, (Received<E>, Context), S> for F
 where
     E: Event,
     F: Fn(Received<E>, Context) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
 {
     type Future = Fut;
-    fn call(&self, event: Received<E>, ctx: Context) -> Fut {
+    fn call(&self, event: Received<E>, ctx: Context, _state: &S) -> Fut {
         self(event, ctx)
+    }
+}
+
+impl<E, S, F, Fut> Handler<E, (State<S>, Received<E>, Context), S> for F
+where
+    E: Event,
+    S: Clone + Send + Sync + 'static,
+    F: Fn(State<S>, Received<E>, Context) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+{
+    type Future = Fut;
+    fn call(&self, event: Received<E>, ctx: Context, state: &S) -> Fut {
+        self(State(state.clone()), event, ctx)
     }
 }
 
@@ -224,60 +264,132 @@ impl StatsCell {
     }
 }
 
-/// Runs a typed handler for a transport: resolve (decode and upcast),
-/// call inside a span with the causal context set, catch panics, count.
-pub(crate) struct TypedHandler<E, H> {
-    inner: Arc<TypedInner<H>>,
-    _event: PhantomData<fn() -> E>,
+/// Runs a typed handler for a transport. The pipeline around the handler,
+/// outermost first (each step does one thing, once):
+///
+/// 1. **span** `seambus.handle` (module, subscription, event, version, id,
+///    attempt), around everything below;
+/// 2. **resolve**: decode and upcast to the subscriber's version; failure
+///    (or a panic in user decode/upcast code) is a dead letter at once
+///    (`undecodable`, `unknown_event`, `unknown_version`), never a retry;
+/// 3. **statistics**: handling time and panics;
+/// 4. the **layers** of the bus ([`crate::BusBuilder::layer`]), then of the
+///    subscription ([`crate::SubscribeBuilder::layer`]), each in the order
+///    added (the first added sees the event first);
+/// 5. **timeout** ([`crate::SubscribeBuilder::timeout`]): past it the call
+///    is dropped and counts as a transient failure;
+/// 6. **causation scope**: events published by the handler take their
+///    correlation and causation from this one;
+/// 7. the handler.
+///
+/// A panic anywhere inside is caught once, by the transport's call
+/// ([`crate::transport::support::call_guarded`]), as a transient failure;
+/// whether a failure is retried or dead-lettered is decided once, by the
+/// transport, from the subscription's retry policy.
+pub(crate) struct TypedHandler<E, H, T, S> {
+    inner: Arc<TypedInner<H, S>>,
+    _event: PhantomData<fn() -> (E, T)>,
 }
 
-struct TypedInner<H> {
+struct TypedInner<H, S> {
     handler: H,
+    state: S,
     group: Arc<GroupId>,
-    max_attempts: u32,
     timeout: Option<std::time::Duration>,
+    layers: Option<crate::layer::Stack>,
     upcasters: Arc<Upcasters>,
     codecs: Arc<Codecs>,
     stats: Arc<StatsCell>,
 }
 
-impl<E, H> TypedHandler<E, H> {
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn new(
-        handler: H,
-        group: GroupId,
-        max_attempts: u32,
-        timeout: Option<std::time::Duration>,
-        upcasters: Arc<Upcasters>,
-        codecs: Arc<Codecs>,
-        stats: Arc<StatsCell>,
-    ) -> Self {
+/// What a subscription's handler is built from.
+pub(crate) struct Parts<H, S> {
+    pub(crate) handler: H,
+    pub(crate) state: S,
+    pub(crate) group: GroupId,
+    pub(crate) timeout: Option<std::time::Duration>,
+    pub(crate) layers: Vec<crate::layer::LayerFn>,
+    pub(crate) upcasters: Arc<Upcasters>,
+    pub(crate) codecs: Arc<Codecs>,
+    pub(crate) stats: Arc<StatsCell>,
+}
+
+impl<E, H, T, S> TypedHandler<E, H, T, S>
+where
+    E: Event,
+    T: 'static,
+    S: Send + Sync + 'static,
+    H: Handler<E, T, S>,
+{
+    pub(crate) fn new(parts: Parts<H, S>) -> Self {
+        let inner = Arc::new_cyclic(|weak: &std::sync::Weak<TypedInner<H, S>>| {
+            let layers = (!parts.layers.is_empty()).then(|| {
+                let weak = weak.clone();
+                crate::layer::Stack::new(&parts.layers, move |request| {
+                    let weak = weak.clone();
+                    async move {
+                        match weak.upgrade() {
+                            Some(inner) => inner.innermost::<E, T>(request).await,
+                            None => Err(HandlerError::retry("the subscription is gone")),
+                        }
+                    }
+                })
+            });
+            TypedInner {
+                handler: parts.handler,
+                state: parts.state,
+                group: Arc::new(parts.group),
+                timeout: parts.timeout,
+                layers,
+                upcasters: parts.upcasters,
+                codecs: parts.codecs,
+                stats: parts.stats,
+            }
+        });
         Self {
-            inner: Arc::new(TypedInner {
-                handler,
-                group: Arc::new(group),
-                max_attempts,
-                timeout,
-                upcasters,
-                codecs,
-                stats,
-            }),
+            inner,
             _event: PhantomData,
         }
     }
 }
 
-impl<E: Event, H: Handler<E>> DeliveryHandler for TypedHandler<E, H> {
+impl<E, H, T, S> DeliveryHandler for TypedHandler<E, H, T, S>
+where
+    E: Event,
+    T: 'static,
+    S: Send + Sync + 'static,
+    H: Handler<E, T, S>,
+{
     fn handle(&self, delivery: Delivery) -> BoxFuture<'static, Outcome> {
         let inner = self.inner.clone();
-        Box::pin(async move { inner.run::<E>(delivery).await })
+        Box::pin(async move { inner.run::<E, T>(delivery).await })
+    }
+
+    fn settled(&self, _group: &GroupId, settlement: Settlement) {
+        let counter = match settlement {
+            Settlement::Retry => &self.inner.stats.retried,
+            _ => &self.inner.stats.dead_lettered,
+        };
+        counter.fetch_add(1, Relaxed);
     }
 }
 
-impl<H> TypedInner<H> {
-    async fn run<E: Event>(&self, delivery: Delivery) -> Outcome
+/// Counts a panic that unwinds through the handler (the transport catches
+/// it; this only counts).
+struct PanicCounter<'a>(&'a StatsCell);
+
+impl Drop for PanicCounter<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.panicked.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+impl<H, S: Send + Sync + 'static> TypedInner<H, S> {
+    async fn run<E: Event, T: 'static>(&self, delivery: Delivery) -> Outcome
     where
-        H: Handler<E>,
+        H: Handler<E, T, S>,
     {
         let Delivery { envelope, attempt } = delivery;
         let (id, group) = (envelope.id(), &*self.group);
@@ -304,72 +416,101 @@ impl<H> TypedInner<H> {
         let resolved = match resolving {
             Ok(resolved) => resolved,
             Err((reason, error)) => {
-                span.in_scope(|| {
-                    tracing::warn!(%group, %id, %reason, %error, "dead-lettering undeliverable event")
-                });
-                self.stats.dead_lettered.fetch_add(1, Relaxed);
+                span.in_scope(
+                    || tracing::warn!(%group, %id, %reason, %error, "undeliverable event"),
+                );
                 return Outcome::DeadLetter { reason, error };
             }
         };
         let ctx = Context {
-            envelope: envelope.clone(),
+            envelope,
             attempt,
             group: self.group.clone(),
         };
         // quanta reads the CPU's counter: a fraction of a clock_gettime.
         let started = quanta::Instant::now();
-        // The call is inside the future, so a panic before the handler's
-        // first await is caught like any other.
-        let call = async move { self.handler.call(Received(resolved), ctx).await };
-        let fut = CURRENT.scope(envelope, call);
-        let guarded = AssertUnwindSafe(fut).catch_unwind();
-        let result = match self.timeout {
-            None => guarded.instrument(span.clone()).await,
-            Some(limit) => tokio::time::timeout(limit, guarded)
-                .instrument(span.clone())
-                .await
-                .unwrap_or_else(|_| {
-                    Ok(Err(HandlerError::retry(format!(
-                        "handler timed out after {limit:?}"
-                    ))))
-                }),
-        };
+        let result = async {
+            let _panics = PanicCounter(&self.stats);
+            match &self.layers {
+                None => self.call_timed(Received(resolved), ctx).await,
+                Some(stack) => {
+                    stack
+                        .call(crate::layer::Request::new(ctx, Received(resolved)))
+                        .await
+                }
+            }
+        }
+        .instrument(span.clone())
+        .await;
         self.stats.record(started.elapsed());
         let _enter = span.enter();
-        let (error, transient) = match result {
-            Ok(Ok(())) => {
+        match result {
+            Ok(()) => {
                 self.stats.succeeded.fetch_add(1, Relaxed);
-                return Outcome::Ack;
+                Outcome::Ack
             }
-            Ok(Err(err)) => (err.to_string(), err.is_transient()),
-            Err(panic) => {
-                self.stats.panicked.fetch_add(1, Relaxed);
-                (
-                    format!("handler panicked: {}", panic_message(&*panic)),
-                    true,
-                )
+            Err(err) if err.is_transient() => {
+                let error = err.to_string();
+                tracing::warn!(%group, %id, attempt, %error, "handler failed");
+                Outcome::Retry { error }
             }
-        };
-        if transient && attempt < self.max_attempts {
-            tracing::warn!(%group, %id, attempt, %error, "handler failed; will retry");
-            self.stats.retried.fetch_add(1, Relaxed);
-            Outcome::Retry { error }
-        } else if transient {
-            tracing::error!(%group, %id, attempt, %error, "handler failed on its last attempt; dead-lettering");
-            self.stats.dead_lettered.fetch_add(1, Relaxed);
-            Outcome::Retry { error }
-        } else {
-            tracing::error!(%group, %id, attempt, %error, "handler rejected the event; dead-lettering");
-            self.stats.dead_lettered.fetch_add(1, Relaxed);
-            Outcome::DeadLetter {
-                reason: DeadLetterReason::Rejected,
-                error,
+            Err(err) => {
+                let error = err.to_string();
+                tracing::warn!(%group, %id, attempt, %error, "handler rejected the event");
+                Outcome::DeadLetter {
+                    reason: DeadLetterReason::Rejected,
+                    error,
+                }
             }
+        }
+    }
+
+    /// The innermost step of a layered pipeline: the typed event back out of
+    /// the request, then timeout, causation and the handler.
+    async fn innermost<E: Event, T: 'static>(
+        &self,
+        request: crate::layer::Request,
+    ) -> Result<(), HandlerError>
+    where
+        H: Handler<E, T, S>,
+    {
+        let (ctx, event) = request.into_parts();
+        match event.downcast::<Received<E>>() {
+            Ok(event) => self.call_timed(*event, ctx).await,
+            Err(_) => Err(HandlerError::reject(
+                "a layer replaced the event with a value of another type",
+            )),
+        }
+    }
+
+    /// Timeout, causation scope, handler.
+    async fn call_timed<E: Event, T: 'static>(
+        &self,
+        event: Received<E>,
+        ctx: Context,
+    ) -> Result<(), HandlerError>
+    where
+        H: Handler<E, T, S>,
+    {
+        let envelope = ctx.envelope.clone();
+        // The call is inside the future, so a panic before the handler's
+        // first await unwinds through the same path as any other.
+        let call = async move { self.handler.call(event, ctx, &self.state).await };
+        let scoped = CURRENT.scope(envelope, call);
+        match self.timeout {
+            None => scoped.await,
+            Some(limit) => tokio::time::timeout(limit, scoped)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(HandlerError::retry(format!(
+                        "handler timed out after {limit:?}"
+                    )))
+                }),
         }
     }
 }
 
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     panic
         .downcast_ref::<&str>()
         .map(|s| s.to_string())

@@ -10,6 +10,7 @@ mod error;
 mod event;
 mod handler;
 mod in_process;
+pub mod layer;
 pub mod routing;
 pub mod transport;
 mod upcast;
@@ -24,7 +25,7 @@ pub use bus::{
 pub use envelope::{Attributes, Envelope, SPEC_VERSION};
 pub use error::{Error, ErrorKind, HandlerError, Result};
 pub use event::{validate_header, validate_name, Event};
-pub use handler::{Context, Handler, Received, Stats};
+pub use handler::{Context, Handler, Received, State, Stats};
 pub use in_process::{InProcessConfig, InProcessTransport, WhenFull};
 pub use transport::{
     DeadLetter, DeadLetterReason, Dispatch, GroupId, Ordering, RetryPolicy, ShutdownReport,

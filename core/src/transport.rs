@@ -621,17 +621,20 @@ pub mod support {
         }
     }
 
-    /// Calls a delivery handler, turning a panic (which the bus's handlers
-    /// never raise, but another implementation might) into a transient
-    /// failure.
+    /// Calls a delivery handler, turning a panic into a transient failure.
+    /// This is the one place a handler's panic is caught (the bus's own
+    /// handlers count it and let it unwind to here).
     pub async fn call_guarded(
         handler: &dyn super::DeliveryHandler,
         delivery: super::Delivery,
     ) -> super::Outcome {
         use futures_util::FutureExt;
         use std::panic::AssertUnwindSafe;
-        let panicked = |_| super::Outcome::Retry {
-            error: "delivery handler panicked".to_owned(),
+        let panicked = |payload: Box<dyn std::any::Any + Send>| super::Outcome::Retry {
+            error: format!(
+                "handler panicked: {}",
+                crate::handler::panic_message(&*payload)
+            ),
         };
         match std::panic::catch_unwind(AssertUnwindSafe(|| handler.handle(delivery))) {
             Ok(fut) => AssertUnwindSafe(fut)
@@ -639,32 +642,6 @@ pub mod support {
                 .await
                 .unwrap_or_else(panicked),
             Err(payload) => panicked(payload),
-        }
-    }
-
-    /// What to do with a received message before any handler runs: a
-    /// message that is not an envelope goes to the dead letter at once, one
-    /// delivered more often than the policy allows (crash loops) goes there
-    /// as out of attempts; anything else becomes the delivery to handle.
-    pub fn triage(
-        envelope: &std::result::Result<super::Envelope, String>,
-        attempt: u32,
-        max_attempts: u32,
-    ) -> std::result::Result<super::Delivery, super::Outcome> {
-        match envelope {
-            Err(why) => Err(super::Outcome::DeadLetter {
-                reason: super::DeadLetterReason::Undecodable,
-                error: format!("not a Seambus envelope: {why}"),
-            }),
-            Ok(_) if attempt > max_attempts => Err(super::Outcome::Retry {
-                error: format!(
-                    "delivered {attempt} times, over the {max_attempts} allowed (a handler kept failing or a process kept dying)"
-                ),
-            }),
-            Ok(envelope) => Ok(super::Delivery {
-                envelope: envelope.clone(),
-                attempt,
-            }),
         }
     }
 

@@ -536,16 +536,15 @@ async fn handle<K: Sink>(shared: Arc<Shared<K>>, mut item: Item<K::Token>) -> Do
                     }
                 }
             };
-            match outcome {
-                Outcome::Ack => {
+            match decide(outcome, item.attempt, retry) {
+                Decision::Ack => {
                     if let Err(e) = sink.ack(&item.token).await {
                         // The broker redelivers it: a duplicate, never a loss.
                         tracing::warn!(group = %shared.spec.group, error = %e, "could not acknowledge an event; it will come again");
                     }
                     return Done::Settled(item);
                 }
-                Outcome::Retry { error } if item.attempt < retry.max_attempts => {
-                    let delay = retry.delay(item.attempt);
+                Decision::Retry(delay) => {
                     let next = item.attempt + 1;
                     shared
                         .handler
@@ -559,20 +558,10 @@ async fn handle<K: Sink>(shared: Arc<Shared<K>>, mut item: Item<K::Token>) -> Do
                             }
                         }
                     }
-                    tracing::debug!(group = %shared.spec.group, %error, ?delay, next, "retrying");
                     item.attempt = next;
                     return Done::Again(item, delay);
                 }
-                Outcome::Retry { error } => Verdict {
-                    reason: DeadLetterReason::MaxAttempts,
-                    error,
-                    attempts: item.attempt,
-                },
-                Outcome::DeadLetter { reason, error } => Verdict {
-                    reason,
-                    error,
-                    attempts: item.attempt,
-                },
+                Decision::DeadLetter(verdict) => verdict,
             }
         }
     };
@@ -596,6 +585,38 @@ async fn handle<K: Sink>(shared: Arc<Shared<K>>, mut item: Item<K::Token>) -> Do
             item.verdict = Some(verdict);
             Done::Again(item, DEAD_LETTER_AGAIN)
         }
+    }
+}
+
+/// What to do with a delivery's outcome: the one place where a failure
+/// becomes a retry or a dead letter (the in-process transport uses it too).
+#[derive(Debug)]
+pub(crate) enum Decision {
+    /// Handled.
+    Ack,
+    /// Run again after this delay, as the next attempt.
+    Retry(Duration),
+    /// Give up.
+    DeadLetter(Verdict),
+}
+
+/// Decides with the subscription's retry policy.
+pub(crate) fn decide(outcome: Outcome, attempt: u32, retry: &super::RetryPolicy) -> Decision {
+    match outcome {
+        Outcome::Ack => Decision::Ack,
+        Outcome::Retry { .. } if attempt < retry.max_attempts => {
+            Decision::Retry(retry.delay(attempt))
+        }
+        Outcome::Retry { error } => Decision::DeadLetter(Verdict {
+            reason: DeadLetterReason::MaxAttempts,
+            error,
+            attempts: attempt,
+        }),
+        Outcome::DeadLetter { reason, error } => Decision::DeadLetter(Verdict {
+            reason,
+            error,
+            attempts: attempt,
+        }),
     }
 }
 

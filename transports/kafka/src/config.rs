@@ -284,30 +284,51 @@ impl KafkaConfig {
         format!("{}.{event_type}", self.topic_prefix)
     }
 
-    /// The consumer group of a group.
+    /// The consumer group of a group: `<group_prefix>.<module>.<subscription>`,
+    /// or `<group_prefix>.<module>..<subscription>` when the module's name
+    /// has a dot. Names have no empty segment, so `..` appears only there:
+    /// distinct groups get distinct names (module `a.b` with subscription
+    /// `c` is not module `a` with `b.c`), and groups of dot-free modules
+    /// keep the names they always had.
     pub(crate) fn group_id(&self, group: &seambus::transport::GroupId) -> String {
-        format!(
-            "{}.{}.{}",
-            self.group_prefix,
-            group.module(),
-            group.subscription()
-        )
+        format!("{}.{}", self.group_prefix, group_path(group))
     }
 
-    /// The dead-letter topic of a group.
+    /// The dead-letter topic of a group (named like [`KafkaConfig::group_id`]).
     pub(crate) fn dead_letter_topic(&self, group: &seambus::transport::GroupId) -> String {
-        format!(
-            "{}.dlq.{}.{}",
-            self.topic_prefix,
-            group.module(),
-            group.subscription()
-        )
+        format!("{}.dlq.{}", self.topic_prefix, group_path(group))
     }
+}
+
+/// `<module>.<subscription>`, or `<module>..<subscription>` when the module
+/// has a dot.
+fn group_path(group: &seambus::transport::GroupId) -> String {
+    let join = if group.module().contains('.') {
+        ".."
+    } else {
+        "."
+    };
+    format!("{}{join}{}", group.module(), group.subscription())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn distinct_groups_get_distinct_names() {
+        use seambus::transport::GroupId;
+        let config = KafkaConfig::default();
+        let a = GroupId::new("a.b", "c");
+        let b = GroupId::new("a", "b.c");
+        assert_ne!(config.group_id(&a), config.group_id(&b));
+        assert_ne!(config.dead_letter_topic(&a), config.dead_letter_topic(&b));
+        // Dot-free modules keep their names.
+        let plain = GroupId::new("inventory", "orders.order_placed");
+        assert!(config
+            .group_id(&plain)
+            .ends_with(".inventory.orders.order_placed"));
+    }
 
     #[test]
     fn debug_redacts_every_secret() {

@@ -3,7 +3,8 @@
 mod config;
 mod error;
 mod publisher;
-mod subscriber;
+mod source;
+mod wire;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
@@ -27,8 +28,8 @@ use uuid::Uuid;
 pub use config::{KafkaConfig, Security};
 
 use crate::error::kafka_error;
-use crate::publisher::{envelope_of, header_pairs, headers_of, send, Topics};
-use crate::subscriber::{DL_PREFIX, REDRIVE_GROUP};
+use crate::publisher::{send, Topics};
+use crate::wire::{envelope_of, header_pairs, headers_of, ATTEMPT, DL_PREFIX, REDRIVE_GROUP};
 
 /// Header of a marker record in a dead-letter topic: the dead letter with
 /// this id was redriven.
@@ -248,6 +249,7 @@ impl Transport for KafkaTransport {
         caps.persistent = true;
         caps.consumer_groups = true;
         caps.per_key_order = true;
+        caps.per_key_order_across_consumers = true;
         caps.max_payload = Some(self.inner.config.message_max_bytes);
         caps.dead_letter_store = true;
         caps.duplicates = true;
@@ -308,7 +310,7 @@ impl Transport for KafkaTransport {
         if spec.concurrency == 0 {
             return Err(crate::error::config_error("concurrency must be at least 1"));
         }
-        subscriber::subscribe(&self.inner, spec, handler).await
+        source::subscribe(&self.inner, spec, handler).await
     }
 
     async fn dead_letters(&self, group: &GroupId) -> Result<Vec<DeadLetter>> {
@@ -339,7 +341,11 @@ impl Transport for KafkaTransport {
             };
             // Back to its topic for this group only, then marked redriven.
             let mut headers = OwnedHeaders::new();
-            for (k, v) in pairs.iter().filter(|(k, _)| !k.starts_with(DL_PREFIX)) {
+            // Dead-letter headers and any attempt go: it starts at attempt 1.
+            for (k, v) in pairs
+                .iter()
+                .filter(|(k, _)| !k.starts_with(DL_PREFIX) && k != ATTEMPT)
+            {
                 headers = headers.insert(Header {
                     key: k,
                     value: Some(v.as_bytes()),

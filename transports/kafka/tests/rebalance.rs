@@ -42,6 +42,7 @@ fn a_worker_joining_and_leaving_mid_stream_loses_nothing() {
     if !broker_ready(&common::Kafka { restart: false }) {
         return;
     }
+    let _one = common::one_at_a_time();
     block_on(async {
         let ns = seambus::conformance::namespace("rebalance");
         let first = Bus::builder()
@@ -97,6 +98,87 @@ fn a_worker_joining_and_leaving_mid_stream_loses_nothing() {
         let by_second: HashSet<_> = second_tally.snapshot().into_keys().collect();
         tally
             .wait_until("every id handled by one of the workers", |by_first| {
+                ids.iter()
+                    .all(|id| by_first.contains_key(id) || by_second.contains(id))
+            })
+            .await;
+        first.shutdown(Duration::from_secs(10)).await.unwrap();
+        common::Kafka { restart: false }.cleanup(&ns).await;
+    });
+}
+
+/// A worker that holds as many records as it may (its handler blocked)
+/// keeps polling, so a second worker of the group gets its partitions at
+/// once (a worker that stopped polling held the rebalance up until it was
+/// evicted); the records of the partitions it lost no longer count as
+/// held, so once unblocked it goes on with everything that is still its.
+#[test]
+fn a_full_worker_keeps_polling_and_forgets_revoked_records() {
+    if !broker_ready(&common::Kafka { restart: false }) {
+        return;
+    }
+    let _one = common::one_at_a_time();
+    block_on(async {
+        let ns = seambus::conformance::namespace("fullrebalance");
+        let mut config = common::config(&ns);
+        config.max_in_flight = 4;
+        let first = Bus::builder()
+            .transport(
+                "kafka",
+                seambus_kafka::KafkaTransport::connect(config)
+                    .await
+                    .unwrap(),
+            )
+            .build()
+            .unwrap();
+        let (gate_tx, gate) = tokio::sync::watch::channel(false);
+        let started = Arc::new(tokio::sync::Notify::new());
+        let tally = Tally::new();
+        let (t, s) = (tally.clone(), started.clone());
+        first
+            .module("billing")
+            .subscribe(move |_e: Received<OrderPlaced>, ctx: Context| {
+                let (t, s, mut gate) = (t.clone(), s.clone(), gate.clone());
+                async move {
+                    s.notify_one();
+                    let _ = gate.wait_for(|open| *open).await;
+                    t.record(ctx.envelope().id());
+                    Ok::<(), HandlerError>(())
+                }
+            })
+            .ordering(Ordering::Unordered)
+            .await
+            .unwrap();
+        let orders = first.module("orders");
+        let mut ids = HashSet::new();
+        for seq in 0..60u64 {
+            let key = PublishOptions::new().key(format!("k{}", seq % 12));
+            ids.insert(orders.publish_with(OrderPlaced { seq }, key).await.unwrap());
+        }
+        started.notified().await;
+        // The first worker is full and blocked. A second one joins.
+        let second = Bus::builder()
+            .transport("kafka", common::transport(&ns).await)
+            .build()
+            .unwrap();
+        let second_tally = Tally::new();
+        second
+            .module("billing")
+            .subscribe(recorder(&second_tally))
+            .ordering(Ordering::Unordered)
+            .await
+            .unwrap();
+        second_tally
+            .wait_until(
+                "the second worker getting records while the first is full",
+                |seen| !seen.is_empty(),
+            )
+            .await;
+        second.shutdown(Duration::from_secs(10)).await.unwrap();
+        gate_tx.send_replace(true);
+        let by_second: HashSet<_> = second_tally.snapshot().into_keys().collect();
+        tally
+            .wait_until("the first worker handling all the rest", |by_first| {
                 ids.iter()
                     .all(|id| by_first.contains_key(id) || by_second.contains(id))
             })

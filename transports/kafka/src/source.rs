@@ -1,0 +1,371 @@
+//! Consuming: one consumer group per Seambus group, fed to the core delivery
+//! engine ([`seambus::transport::engine`]), which keeps per-key order,
+//! retries and attempts. Offsets are stored only for the contiguous prefix
+//! of settled records; a revoked partition's records leave the engine.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use async_trait::async_trait;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::ClientContext;
+use seambus::transport::engine::{self, Fetch, Fetched, Limits, Signals, Verdict};
+use seambus::transport::{
+    support::TaskConsumer, Consumer, DeliveryHandler, GroupId, SubscriptionSpec,
+};
+use seambus::{Envelope, Result};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::kafka_error;
+use crate::publisher::send;
+use crate::wire::{attempt_of, dead_letter_headers, envelope_of, for_other_group, header_pairs};
+use crate::Inner;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Assigned partitions, each with an epoch that changes on every new
+/// assignment (so work from an earlier assignment never stores offsets).
+#[derive(Default)]
+pub(crate) struct Assignment {
+    epochs: Mutex<HashMap<i32, u64>>,
+    next_epoch: AtomicU64,
+    /// Fetching is paused: partitions assigned meanwhile start paused.
+    paused: AtomicBool,
+    /// Partitions were revoked.
+    revoked: Notify,
+}
+
+impl Assignment {
+    fn epoch(&self, partition: i32) -> Option<u64> {
+        lock(&self.epochs).get(&partition).copied()
+    }
+}
+
+/// Rebalance hooks.
+pub(crate) struct GroupContext {
+    assignment: Arc<Assignment>,
+}
+
+impl ClientContext for GroupContext {}
+
+impl ConsumerContext for GroupContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(list) = rebalance {
+            {
+                let mut epochs = lock(&self.assignment.epochs);
+                for element in list.elements() {
+                    epochs.remove(&element.partition());
+                }
+            }
+            self.assignment.revoked.notify_one();
+            // Offsets of settled records are stored as they settle; commit
+            // them without blocking the polling thread. Records still held
+            // go to the new owner: duplicates, never gaps.
+            if let Err(e) = consumer.commit_consumer_state(CommitMode::Async) {
+                tracing::debug!(error = %e, "commit on revoke");
+            }
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(list) = rebalance {
+            {
+                let mut epochs = lock(&self.assignment.epochs);
+                for element in list.elements() {
+                    let epoch = self.assignment.next_epoch.fetch_add(1, SeqCst);
+                    epochs.insert(element.partition(), epoch);
+                }
+            }
+            // librdkafka keeps a partition's pause across a revoke and a new
+            // assignment: set it to what the engine wants now.
+            let paused = self.assignment.paused.load(SeqCst);
+            let set = if paused {
+                consumer.pause(list)
+            } else {
+                consumer.resume(list)
+            };
+            if let Err(e) = set {
+                tracing::warn!(paused, error = %e, "cannot pause or resume newly assigned partitions");
+            }
+        }
+    }
+}
+
+/// Offsets of one partition: which records are still held.
+struct Offsets {
+    epoch: u64,
+    in_flight: BTreeSet<i64>,
+    next: i64,
+    stored: i64,
+}
+
+/// The consumer and its offset bookkeeping, shared by source and sink.
+struct Group {
+    consumer: StreamConsumer<GroupContext>,
+    assignment: Arc<Assignment>,
+    offsets: Mutex<HashMap<i32, Offsets>>,
+    topic: String,
+    group: GroupId,
+}
+
+impl Group {
+    /// Counts a fetched record as held.
+    fn hold(&self, partition: i32, offset: i64, epoch: u64) {
+        let mut offsets = lock(&self.offsets);
+        let state = offsets.entry(partition).or_insert(Offsets {
+            epoch,
+            in_flight: BTreeSet::new(),
+            next: offset,
+            stored: offset,
+        });
+        if state.epoch != epoch {
+            // Assigned anew: start over from what the group committed.
+            *state = Offsets {
+                epoch,
+                in_flight: BTreeSet::new(),
+                next: offset,
+                stored: offset,
+            };
+        }
+        state.in_flight.insert(offset);
+        state.next = state.next.max(offset + 1);
+    }
+
+    /// A record is settled: store the offset after the longest settled
+    /// prefix.
+    fn settle(&self, partition: i32, offset: i64, epoch: u64) {
+        let mut offsets = lock(&self.offsets);
+        let Some(state) = offsets.get_mut(&partition) else {
+            return;
+        };
+        if state.epoch != epoch {
+            return;
+        }
+        state.in_flight.remove(&offset);
+        let next = state.in_flight.first().copied().unwrap_or(state.next);
+        if next > state.stored {
+            // librdkafka commits the stored offset + 1.
+            match self.consumer.store_offset(&self.topic, partition, next - 1) {
+                Ok(()) => state.stored = next,
+                Err(e) => {
+                    tracing::debug!(group = %self.group, partition, error = %e, "offset not stored (partition revoked?)")
+                }
+            }
+        }
+    }
+
+    fn set_paused(&self, paused: bool) {
+        self.assignment.paused.store(paused, SeqCst);
+        let assigned = match self.consumer.assignment() {
+            Ok(list) => list,
+            Err(e) => {
+                tracing::warn!(group = %self.group, error = %e, "cannot read the assignment");
+                return;
+            }
+        };
+        let changed = if paused {
+            self.consumer.pause(&assigned)
+        } else {
+            self.consumer.resume(&assigned)
+        };
+        if let Err(e) = changed {
+            tracing::warn!(group = %self.group, paused, error = %e, "cannot pause or resume fetching");
+        }
+    }
+}
+
+pub(crate) async fn subscribe(
+    inner: &Arc<Inner>,
+    spec: SubscriptionSpec,
+    handler: Arc<dyn DeliveryHandler>,
+) -> Result<Box<dyn Consumer>> {
+    let config = &inner.config;
+    let topic = config.topic(&spec.event_type);
+    let dead_topic = config.dead_letter_topic(&spec.group);
+    inner.topics.ensure(&topic).await?;
+    inner.topics.ensure(&dead_topic).await?;
+    let assignment = Arc::new(Assignment::default());
+    let group_id = config.group_id(&spec.group);
+    let mut client = config.client_config();
+    client
+        .set("group.id", &group_id)
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", &config.auto_offset_reset)
+        .set("enable.partition.eof", "false")
+        .set("session.timeout.ms", "10000");
+    let consumer: StreamConsumer<GroupContext> = config
+        .finish(client)
+        .create_with_context(GroupContext {
+            assignment: assignment.clone(),
+        })
+        .map_err(|e| kafka_error("create consumer", e))?;
+    consumer
+        .subscribe(&[&topic])
+        .map_err(|e| kafka_error(&format!("subscribe to {topic}"), e))?;
+    let group = Arc::new(Group {
+        consumer,
+        assignment,
+        offsets: Mutex::default(),
+        topic,
+        group: spec.group.clone(),
+    });
+    let detach = CancellationToken::new();
+    let signals = Signals {
+        detach: detach.clone(),
+        closing: inner.closing.clone(),
+        stop: inner.stop.clone(),
+    };
+    let sink = Arc::new(KafkaSink {
+        inner: inner.clone(),
+        group: group.clone(),
+        dead_topic,
+    });
+    let source = KafkaSource { group, group_id };
+    let limits = Limits::new(config.max_in_flight);
+    let running = inner.subscriptions.start();
+    let task = tokio::spawn(async move {
+        let unfinished = engine::run(spec, handler, source, sink, limits, signals).await;
+        running.finish(unfinished);
+    });
+    Ok(Box::new(TaskConsumer::new(detach, task)))
+}
+
+/// A record this process holds, with the assignment epoch it came in.
+pub(crate) struct Held {
+    record: OwnedMessage,
+    epoch: u64,
+    pairs: Vec<(String, String)>,
+}
+
+struct KafkaSource {
+    group: Arc<Group>,
+    group_id: String,
+}
+
+#[async_trait]
+impl engine::Source for KafkaSource {
+    type Token = Held;
+
+    /// Polling keeps the member in its group and runs rebalances, so the
+    /// consumer is polled while paused too (paused partitions give nothing).
+    const POLL_WHILE_PAUSED: bool = true;
+
+    async fn fetch(&mut self) -> Result<Fetch<Held>> {
+        loop {
+            let received = tokio::select! {
+                received = self.group.consumer.recv() => received,
+                _ = self.group.assignment.revoked.notified() => return Ok(Fetch::Revoked),
+            };
+            let record = received.map_err(|e| kafka_error("receive", e))?.detach();
+            let (partition, offset) = (record.partition(), record.offset());
+            let Some(epoch) = self.group.assignment.epoch(partition) else {
+                continue;
+            };
+            self.group.hold(partition, offset, epoch);
+            let pairs = header_pairs(record.headers());
+            if for_other_group(&pairs, &self.group_id) {
+                self.group.settle(partition, offset, epoch);
+                continue;
+            }
+            let envelope = envelope_of(&pairs, record.payload().unwrap_or_default())
+                .map_err(|e| e.message().to_owned());
+            let attempt = attempt_of(&pairs);
+            return Ok(Fetch::Message(Fetched {
+                token: Held {
+                    record,
+                    epoch,
+                    pairs,
+                },
+                envelope,
+                attempt,
+                delivered: None,
+            }));
+        }
+    }
+
+    fn pause(&mut self, paused: bool) {
+        self.group.set_paused(paused);
+    }
+
+    async fn close(&mut self) {
+        // The last offsets, committed off the runtime's threads.
+        let group = self.group.clone();
+        let committed = tokio::task::spawn_blocking(move || {
+            group.consumer.commit_consumer_state(CommitMode::Sync)
+        })
+        .await;
+        if let Ok(Err(e)) = committed {
+            tracing::debug!(group = %self.group.group, error = %e, "final commit");
+        }
+    }
+}
+
+struct KafkaSink {
+    inner: Arc<Inner>,
+    group: Arc<Group>,
+    dead_topic: String,
+}
+
+impl KafkaSink {
+    fn settle(&self, held: &Held) {
+        self.group
+            .settle(held.record.partition(), held.record.offset(), held.epoch);
+    }
+}
+
+#[async_trait]
+impl engine::Sink for KafkaSink {
+    type Token = Held;
+
+    fn owns(&self, held: &Held) -> bool {
+        self.group.assignment.epoch(held.record.partition()) == Some(held.epoch)
+    }
+
+    async fn ack(&self, held: &Held) -> Result<()> {
+        self.settle(held);
+        Ok(())
+    }
+
+    /// Nothing to tell the broker: the offset is not stored, so the group
+    /// gets the record again.
+    async fn release(&self, _held: &Held) {}
+
+    /// Sends the record, with reason headers, to the group's dead-letter
+    /// topic, waits for the delivery report, then settles it.
+    async fn dead_letter(
+        &self,
+        held: &Held,
+        envelope: Option<&Envelope>,
+        verdict: &Verdict,
+    ) -> Result<()> {
+        let id = envelope.map_or_else(uuid::Uuid::now_v7, Envelope::id);
+        let record = &held.record;
+        let headers = dead_letter_headers(
+            &held.pairs,
+            verdict,
+            &self.group.group,
+            (&self.group.topic, record.partition(), record.offset()),
+            id,
+        );
+        send(
+            &self.inner.producer,
+            &self.dead_topic,
+            record.key(),
+            record.payload().unwrap_or_default(),
+            headers,
+            self.inner.config.publish_timeout,
+        )
+        .await?;
+        self.settle(held);
+        Ok(())
+    }
+}
