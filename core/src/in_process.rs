@@ -21,11 +21,11 @@ use uuid::Uuid;
 
 use crate::envelope::Envelope;
 use crate::error::{Error, ErrorKind, Result};
+use crate::transport::engine::{decide, Decision, Verdict};
 use crate::transport::support::call_guarded;
 use crate::transport::{
-    Capabilities, Consumer, DeadLetter, DeadLetterReason, Delivery, DeliveryHandler, Dispatch,
-    GroupId, Ordering, Outcome, RetryPolicy, Settlement, ShutdownReport, SubscriptionSpec,
-    Transport, TryPublish, Unfinished,
+    Capabilities, Consumer, DeadLetter, Delivery, DeliveryHandler, Dispatch, GroupId, Ordering,
+    RetryPolicy, Settlement, ShutdownReport, SubscriptionSpec, Transport, TryPublish, Unfinished,
 };
 
 /// What `publish` does when a group's queue is full.
@@ -688,6 +688,23 @@ async fn until_stopped<F: Future>(stop: &Signal, f: F) -> Option<F::Output> {
     .await
 }
 
+/// The dead letter of a verdict, counted in the handler's statistics.
+fn dead_letter_of(
+    group: &GroupId,
+    handler: &dyn DeliveryHandler,
+    envelope: Envelope,
+    verdict: Verdict,
+) -> DeadLetter {
+    handler.settled(group, Settlement::DeadLettered(verdict.reason));
+    DeadLetter::new(
+        envelope,
+        group.clone(),
+        verdict.reason,
+        verdict.error,
+        verdict.attempts,
+    )
+}
+
 fn log_dead_letter(dl: &DeadLetter) {
     tracing::warn!(
         group = %dl.group,
@@ -789,24 +806,22 @@ impl Shared {
             let Some(outcome) = until_stopped(&self.stop, handling).await else {
                 return false;
             };
-            let (reason, error) = match outcome {
-                Outcome::Ack => return true,
-                Outcome::Retry { .. } if attempt < group.retry.max_attempts => {
+            let verdict = match decide(outcome, attempt, &group.retry) {
+                Decision::Ack => return true,
+                Decision::Retry(delay) => {
                     group.handler.settled(&group.id, Settlement::Retry);
-                    let wait = tokio::time::sleep(group.retry.delay(attempt));
-                    if until_stopped(&self.stop, wait).await.is_none() {
+                    if until_stopped(&self.stop, tokio::time::sleep(delay))
+                        .await
+                        .is_none()
+                    {
                         return false;
                     }
                     attempt += 1;
                     continue;
                 }
-                Outcome::Retry { error } => (DeadLetterReason::MaxAttempts, error),
-                Outcome::DeadLetter { reason, error } => (reason, error),
+                Decision::DeadLetter(verdict) => verdict,
             };
-            group
-                .handler
-                .settled(&group.id, Settlement::DeadLettered(reason));
-            let dl = DeadLetter::new(envelope.clone(), group.id.clone(), reason, error, attempt);
+            let dl = dead_letter_of(&group.id, &*group.handler, envelope.clone(), verdict);
             return self.dead_letter_inline(&group.dead, dl).await;
         }
     }
@@ -837,6 +852,7 @@ impl Transport for InProcessTransport {
         let mut caps = Capabilities::none();
         caps.consumer_groups = true;
         caps.per_key_order = true;
+        caps.per_key_order_across_consumers = true;
         caps.native_delayed_retry = true;
         caps.inline_dispatch = true;
         caps.shares_values = true;
@@ -1375,29 +1391,17 @@ async fn run_worker(
             lock(&group.state).abandoned.push(delivery.envelope);
             return;
         };
-        let (reason, error) = match outcome {
-            Outcome::Ack => {
-                group.finish(&delivery, &shared.hasher);
-                continue;
-            }
-            Outcome::Retry { .. } if delivery.attempt < retry.max_attempts => {
+        match decide(outcome, delivery.attempt, &retry) {
+            Decision::Ack => group.finish(&delivery, &shared.hasher),
+            Decision::Retry(delay) => {
                 handler.settled(&group.id, Settlement::Retry);
-                let delay = retry.delay(delivery.attempt);
                 group.retry_later(delivery, delay);
-                continue;
             }
-            Outcome::Retry { error } => (DeadLetterReason::MaxAttempts, error),
-            Outcome::DeadLetter { reason, error } => (reason, error),
-        };
-        handler.settled(&group.id, Settlement::DeadLettered(reason));
-        let dl = DeadLetter::new(
-            delivery.envelope.clone(),
-            group.id.clone(),
-            reason,
-            error,
-            delivery.attempt,
-        );
-        shared.dead_letter_queued(&group, delivery, dl);
+            Decision::DeadLetter(verdict) => {
+                let dl = dead_letter_of(&group.id, &*handler, delivery.envelope.clone(), verdict);
+                shared.dead_letter_queued(&group, delivery, dl);
+            }
+        }
     }
 }
 

@@ -352,12 +352,20 @@ where
         }
     }
     while let Some(done) = running.join_next().await {
-        if let Ok(Done::Abandoned(item)) = done {
-            if let Ok(envelope) = item.envelope {
-                state
-                    .unfinished
-                    .push(Unfinished::new(shared.spec.group.clone(), envelope));
+        match done {
+            Ok(Done::Abandoned(item)) => {
+                if let Ok(envelope) = item.envelope {
+                    state
+                        .unfinished
+                        .push(Unfinished::new(shared.spec.group.clone(), envelope));
+                }
             }
+            // A retry decided while stopping: back to the broker, which
+            // keeps its attempt.
+            Ok(Done::Again(item, _)) if shared.sink.owns(&item.token) => {
+                shared.sink.release(&item.token).await;
+            }
+            _ => {}
         }
     }
     source.close().await;
