@@ -6,12 +6,22 @@
 //! Every transport runs the same cases against its real broker. Each case
 //! uses a fresh namespace, counts event ids and checks "none missing,
 //! duplicates only where the transport admits them"
-//! ([`Capabilities::duplicates`](crate::transport::Capabilities::duplicates)). A case that needs a capability the
-//! transport does not report prints why and returns.
+//! ([`Capabilities::duplicates`](crate::transport::Capabilities::duplicates)).
+//! Whether a case applies is decided in one place, from the transport's
+//! [`Capabilities`] ([`cases`], [`Case::applies`]); a case that does not
+//! apply is *registered* as ignored with the reason, so the test output
+//! and cargo's `test result:` line show it, instead of passing silently.
 //!
-//! A transport crate provides a [`Harness`] and generates one test per case:
+//! A transport crate provides a [`Harness`] and makes its
+//! `tests/conformance.rs` a `harness = false` test target whose `main` is
+//! the [`Suite`]:
 //!
 //! ```ignore
+//! // transports/nats/Cargo.toml:
+//! //   [[test]]
+//! //   name = "conformance"
+//! //   harness = false
+//!
 //! // transports/nats/tests/conformance.rs
 //! struct Nats;
 //! #[async_trait::async_trait]
@@ -20,18 +30,22 @@
 //! ```
 
 use std::collections::{HashMap, HashSet};
+use std::fmt;
 use std::future::Future;
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures_util::future::BoxFuture;
+use futures_util::future::{BoxFuture, LocalBoxFuture};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use uuid::Uuid;
 
-use crate::transport::{DeadLetterReason, Ordering, Transport};
+pub use libtest_mimic;
+
+use crate::transport::{Capabilities, DeadLetterReason, Ordering, Transport};
 use crate::{
     Attributes, Bus, Context, Envelope, ErrorKind, HandlerError, PublishOptions, Received,
     RetryPolicy,
@@ -51,26 +65,50 @@ pub trait Harness: Send + Sync {
         let _ = namespace;
     }
 
-    /// A closure that stops and starts the broker, for case 15. `None` (the
-    /// default) skips that case.
+    /// A future that stops and starts the broker, for case 15 (which
+    /// [`Suite`] runs alone, after every other case). `None` (the default):
+    /// the case is reported ignored, or fails for a persistent transport
+    /// when `SEAMBUS_REQUIRE_BROKERS=1`. Make the future start the broker
+    /// again if it is dropped half-way (a failed case), so later tests find
+    /// it running.
     fn restart_broker(&self) -> Option<BoxFuture<'static, ()>> {
         None
     }
 
-    /// Why the broker cannot be reached, if it cannot (checked before each
-    /// case). The case is then skipped with a loud message, or fails when
-    /// `SEAMBUS_REQUIRE_BROKERS=1`.
+    /// Whether publishers may go on publishing while the broker restarts
+    /// (default true). A broker that cannot take it sets false: case 15
+    /// then publishes every event first and restarts the broker while the
+    /// groups consume them.
+    fn publishes_across_restart(&self) -> bool {
+        true
+    }
+
+    /// How many events case 15 sends through the restart (default 3000).
+    fn restart_events(&self) -> u64 {
+        3000
+    }
+
+    /// Why the broker cannot be reached, if it cannot (checked once, before
+    /// the suite runs). Every case is then reported ignored with that reason,
+    /// or fails when `SEAMBUS_REQUIRE_BROKERS=1`.
     fn unavailable(&self) -> Option<String> {
         None
     }
 }
 
-/// Whether a case may run: false (with a message) when the harness's broker
-/// is unavailable; panics instead when `SEAMBUS_REQUIRE_BROKERS=1`.
+/// Whether `SEAMBUS_REQUIRE_BROKERS=1`: an unavailable broker is then a
+/// failure, not a skip.
+pub fn brokers_required() -> bool {
+    std::env::var("SEAMBUS_REQUIRE_BROKERS").is_ok_and(|v| v == "1")
+}
+
+/// Whether a broker test may run (for a crate's own tests beside the
+/// suite): false (with a loud message) when the harness's broker is
+/// unavailable; panics instead when `SEAMBUS_REQUIRE_BROKERS=1`.
 pub fn broker_ready(h: &dyn Harness) -> bool {
     match h.unavailable() {
         None => true,
-        Some(why) if std::env::var("SEAMBUS_REQUIRE_BROKERS").is_ok_and(|v| v == "1") => {
+        Some(why) if brokers_required() => {
             panic!("broker required (SEAMBUS_REQUIRE_BROKERS=1) but unavailable: {why}")
         }
         Some(why) => {
@@ -145,22 +183,122 @@ pub fn patience() -> Duration {
     Duration::from_secs(secs)
 }
 
-/// Runs a case's future on a fresh two-worker runtime (what the generated
-/// tests use).
-pub fn block_on<F: Future<Output = ()>>(future: F) {
+/// Runs a future on a fresh two-worker runtime (what each case of the
+/// [`Suite`] runs on). Logs go to the test output at level `error`, or as
+/// `SEAMBUS_LOG` says (an `EnvFilter`, e.g. `seambus=debug`); in a case
+/// of the [`Suite`] they are kept and shown with its failure.
+pub fn block_on<F: Future>(future: F) -> F::Output {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SEAMBUS_LOG")
                 .unwrap_or_else(|_| "error".into()),
         )
-        .with_test_writer()
+        .with_writer(capture::Writer)
         .try_init();
-    tokio::runtime::Builder::new_multi_thread()
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    // A case's runtime threads carry its name, so its output is its own.
+    if let Some(name) = capture::case_thread() {
+        runtime.thread_name(name);
+    }
+    runtime
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("a tokio runtime")
         .block_on(future)
+}
+
+/// The output of the [`Suite`]'s cases: libtest-mimic runs tests without
+/// capturing what they print, so the logs and panic messages of a case's
+/// threads (named after it) are kept here and shown with its failure, as
+/// the built-in test harness does. Other threads print as usual.
+mod capture {
+    use std::collections::HashMap;
+    use std::io;
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    use std::sync::{Mutex, Once, PoisonError};
+
+    const PREFIX: &str = "conformance:";
+
+    static ON: AtomicBool = AtomicBool::new(false);
+    static KEPT: Mutex<Option<HashMap<String, Vec<u8>>>> = Mutex::new(None);
+
+    /// The name of the threads that run `case`.
+    pub(super) fn thread_name(case: &str) -> String {
+        format!("{PREFIX}{case}")
+    }
+
+    /// The current thread's name when it runs a case.
+    pub(super) fn case_thread() -> Option<String> {
+        std::thread::current()
+            .name()
+            .filter(|n| n.starts_with(PREFIX))
+            .map(str::to_owned)
+    }
+
+    fn keep(thread: &str, bytes: &[u8]) {
+        KEPT.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_or_insert_with(HashMap::new)
+            .entry(thread.to_owned())
+            .or_default()
+            .extend_from_slice(bytes);
+    }
+
+    /// What the threads of a case printed (taken out).
+    pub(super) fn take(thread: &str) -> String {
+        let bytes = KEPT
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_mut()
+            .and_then(|kept| kept.remove(thread))
+            .unwrap_or_default();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    /// Starts keeping the cases' output (not with `--nocapture`), panic
+    /// messages included.
+    pub(super) fn install(on: bool) {
+        ON.store(on, SeqCst);
+        static HOOK: Once = Once::new();
+        HOOK.call_once(|| {
+            let default = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                match case_thread().filter(|_| ON.load(SeqCst)) {
+                    Some(thread) => keep(&thread, format!("thread '{thread}' {info}\n").as_bytes()),
+                    None => default(info),
+                }
+            }));
+        });
+    }
+
+    /// The log writer: a case's own buffer, else the test output.
+    pub(super) struct Writer;
+
+    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Writer {
+        type Writer = Out;
+
+        fn make_writer(&'a self) -> Out {
+            Out(case_thread().filter(|_| ON.load(SeqCst)))
+        }
+    }
+
+    pub(super) struct Out(Option<String>);
+
+    impl io::Write for Out {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            match &self.0 {
+                Some(thread) => keep(thread, buf),
+                // Through `eprint!`, so the built-in harness captures it.
+                None => eprint!("{}", String::from_utf8_lossy(buf)),
+            }
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
 }
 
 /// A fresh namespace for one case.
@@ -289,10 +427,6 @@ fn ok() -> Result<(), HandlerError> {
     Ok(())
 }
 
-fn skip(case: &str, why: &str) {
-    eprintln!("conformance: skipping {case}: {why}");
-}
-
 /// A handler that records the id of every event it handles in `tally`.
 pub fn record_into<E: crate::Event>(
     tally: &Arc<Tally>,
@@ -339,9 +473,35 @@ async fn publish_pings(bus: &Bus, n: u64, publishers: u64, key_count: u64) -> Ha
     all
 }
 
+/// Shuts `bus` down; fails the case when shutdown does not return in time
+/// after its deadline (a shutdown that hangs is a defect to report, not a
+/// wait to sit out).
+async fn shut_down(bus: &Bus, deadline: Duration) -> crate::Result<crate::ShutdownReport> {
+    tokio::time::timeout(deadline + patience(), bus.shutdown(deadline))
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "shutdown did not return within {:?} after its deadline of {deadline:?}",
+                patience()
+            )
+        })
+}
+
+/// The harness's cleanup of `ns`, failing the case if it hangs.
+async fn clean_up(h: &dyn Harness, ns: &str) {
+    tokio::time::timeout(patience(), h.cleanup(ns))
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "the harness's cleanup of {ns} did not finish within {:?}",
+                patience()
+            )
+        })
+}
+
 async fn finish(h: &dyn Harness, ns: &str, bus: &Bus) {
-    let _ = bus.shutdown(Duration::from_secs(10)).await;
-    h.cleanup(ns).await;
+    let _ = shut_down(bus, Duration::from_secs(10)).await;
+    clean_up(h, ns).await;
 }
 
 /// Case 1: payload, name, version, every envelope attribute and header
@@ -549,9 +709,6 @@ pub async fn groups_fan_out_and_compete(h: &dyn Harness) {
     let ns = namespace("groups");
     let transport = h.transport(&ns).await;
     let caps = transport.capabilities();
-    if !caps.consumer_groups {
-        return skip("groups_fan_out_and_compete", "no consumer groups");
-    }
     let bus_a = bus_on(transport);
     let bus_b = bus_on(h.transport(&ns).await);
     let (audit, billing) = (Tally::new(), Tally::new());
@@ -592,7 +749,7 @@ pub async fn groups_fan_out_and_compete(h: &dyn Harness) {
         a > 0 && b > 0,
         "both workers of the billing group took events ({a} / {b})"
     );
-    let _ = bus_b.shutdown(Duration::from_secs(10)).await;
+    let _ = shut_down(&bus_b, Duration::from_secs(10)).await;
     finish(h, &ns, &bus_a).await;
 }
 
@@ -600,9 +757,6 @@ pub async fn groups_fan_out_and_compete(h: &dyn Harness) {
 pub async fn per_key_order(h: &dyn Harness) {
     let ns = namespace("order");
     let transport = h.transport(&ns).await;
-    if !transport.capabilities().per_key_order {
-        return skip("per_key_order", "no per-key order");
-    }
     let bus = bus_on(transport);
     const KEYS: u64 = 16;
     const N: u64 = 1600;
@@ -816,37 +970,34 @@ pub async fn dead_letter_after_max_attempts(h: &dyn Harness) {
         sub.stats().dead_lettered >= 40
     })
     .await;
-    if !caps.dead_letter_store {
-        return skip(
-            "dead_letter_after_max_attempts (listing)",
-            "no dead-letter store",
-        );
-    }
-    let dead = sub.dead_letters().await.expect("list dead letters");
-    assert_eq!(dead.len(), 40, "dead letters: {}", dead.len());
-    for dl in &dead {
-        let seq = by_seq
-            .iter()
-            .find(|(_, id)| **id == dl.envelope.id())
-            .map(|(s, _)| *s)
-            .expect("a published id");
-        assert_eq!(dl.group.module(), "strict");
-        if seq % 10 == 0 {
-            assert_eq!(dl.reason, DeadLetterReason::MaxAttempts);
-            assert_eq!(dl.attempts, 3);
-            assert!(dl.error.contains(&format!("poison {seq}")), "{}", dl.error);
-        } else {
-            assert_eq!(dl.reason, DeadLetterReason::Rejected);
-            assert_eq!(dl.attempts, 1);
-            assert!(dl.error.contains(&format!("invalid {seq}")), "{}", dl.error);
+    // The reasons, read back from the store; then the redrive.
+    if caps.dead_letter_store {
+        let dead = sub.dead_letters().await.expect("list dead letters");
+        assert_eq!(dead.len(), 40, "dead letters: {}", dead.len());
+        for dl in &dead {
+            let seq = by_seq
+                .iter()
+                .find(|(_, id)| **id == dl.envelope.id())
+                .map(|(s, _)| *s)
+                .expect("a published id");
+            assert_eq!(dl.group.module(), "strict");
+            if seq % 10 == 0 {
+                assert_eq!(dl.reason, DeadLetterReason::MaxAttempts);
+                assert_eq!(dl.attempts, 3);
+                assert!(dl.error.contains(&format!("poison {seq}")), "{}", dl.error);
+            } else {
+                assert_eq!(dl.reason, DeadLetterReason::Rejected);
+                assert_eq!(dl.attempts, 1);
+                assert!(dl.error.contains(&format!("invalid {seq}")), "{}", dl.error);
+            }
         }
+        healed.store(true, SeqCst);
+        assert_eq!(sub.redrive(None).await.unwrap(), 40);
+        let all: HashSet<Uuid> = by_seq.values().copied().collect();
+        tally.wait_for_all("redriven events", &all).await;
+        tally.assert_exactly("all events", &all, caps.duplicates);
+        assert!(sub.dead_letters().await.unwrap().is_empty());
     }
-    healed.store(true, SeqCst);
-    assert_eq!(sub.redrive(None).await.unwrap(), 40);
-    let all: HashSet<Uuid> = by_seq.values().copied().collect();
-    tally.wait_for_all("redriven events", &all).await;
-    tally.assert_exactly("all events", &all, caps.duplicates);
-    assert!(sub.dead_letters().await.unwrap().is_empty());
     finish(h, &ns, &bus).await;
 }
 
@@ -1074,7 +1225,7 @@ async fn drain_rest(
     tally
         .wait_for_all("events redelivered after shutdown", ids)
         .await;
-    let _ = bus.shutdown(Duration::from_secs(10)).await;
+    let _ = shut_down(&bus, Duration::from_secs(10)).await;
 }
 
 /// Case 13: graceful shutdown under load: nothing acknowledged unhandled,
@@ -1105,8 +1256,7 @@ pub async fn shutdown_under_load(h: &dyn Harness) {
     tally
         .wait_until("some progress", |seen| seen.len() >= 100)
         .await;
-    let report = bus
-        .shutdown(Duration::from_millis(100))
+    let report = shut_down(&bus, Duration::from_millis(100))
         .await
         .expect("shutdown");
     let handled = tally.snapshot();
@@ -1143,7 +1293,7 @@ pub async fn shutdown_under_load(h: &dyn Harness) {
         }
     }
     assert_eq!(sub.stats().dead_lettered, 0);
-    h.cleanup(&ns).await;
+    clean_up(h, &ns).await;
 }
 
 /// Case 14: the publisher side closes with publishes in flight: every
@@ -1202,8 +1352,7 @@ pub async fn publisher_closes_in_flight(h: &dyn Harness) {
     tokio::time::timeout(patience(), started.notified())
         .await
         .expect("publishers started");
-    let report = bus
-        .shutdown(Duration::from_secs(20))
+    let report = shut_down(&bus, Duration::from_secs(20))
         .await
         .expect("shutdown");
     for t in tasks {
@@ -1228,18 +1377,26 @@ pub async fn publisher_closes_in_flight(h: &dyn Harness) {
             .count();
         assert_eq!(lost, 0, "{lost} accepted publishes were never delivered");
     }
-    h.cleanup(&ns).await;
+    clean_up(h, &ns).await;
 }
 
 /// Case 15: the broker restarts in the middle of a run; all ids still
-/// arrive in two groups. Publishes that fail during the outage are retried
-/// by the test; every publish that returned Ok must arrive.
+/// arrive in two groups ([`Harness::restart_events`] events). Publishes that
+/// fail during the outage are retried by the test; every publish that
+/// returned Ok must arrive.
 pub async fn broker_restart(h: &dyn Harness, restart: BoxFuture<'static, ()>) {
-    broker_restart_with(h, restart, 3000).await
+    broker_restart_with(h, restart, h.restart_events()).await
 }
 
-/// Case 15 with `events` events (a third before the restart begins).
+/// Case 15 with `events` events. When the harness
+/// [publishes across the restart](Harness::publishes_across_restart), a
+/// third is published before the restart begins and the rest during and
+/// after it; otherwise every event is published (and acknowledged) first
+/// and the broker restarts while both groups consume them.
 pub async fn broker_restart_with(h: &dyn Harness, restart: BoxFuture<'static, ()>, events: u64) {
+    if !h.publishes_across_restart() {
+        return broker_restart_while_consuming(h, restart, events).await;
+    }
     let ns = namespace("restart");
     let transport = h.transport(&ns).await;
     let dup = transport.capabilities().duplicates;
@@ -1302,6 +1459,101 @@ pub async fn broker_restart_with(h: &dyn Harness, restart: BoxFuture<'static, ()
     finish(h, &ns, &bus).await;
 }
 
+/// A handler that records ids after a little work, so a restart finds the
+/// groups mid-stream.
+fn record_slowly(
+    tally: &Arc<Tally>,
+) -> impl Fn(Received<Ping>, Context) -> BoxFuture<'static, Result<(), HandlerError>>
+       + Send
+       + Sync
+       + 'static {
+    let tally = tally.clone();
+    move |_event, ctx| {
+        let tally = tally.clone();
+        Box::pin(async move {
+            tokio::time::sleep(Duration::from_micros(500)).await;
+            tally.record(ctx.envelope().id());
+            ok()
+        })
+    }
+}
+
+/// Case 15 for a broker that no producer may send across a restart of:
+/// `events` keyed events are published (with bounded concurrency) and
+/// acknowledged first, then the broker restarts while two groups consume
+/// them; every id arrives in both.
+async fn broker_restart_while_consuming(
+    h: &dyn Harness,
+    restart: BoxFuture<'static, ()>,
+    events: u64,
+) {
+    use futures_util::StreamExt;
+    let ns = namespace("restart");
+    let transport = h.transport(&ns).await;
+    let dup = transport.capabilities().duplicates;
+    let bus = bus_on(transport);
+    let (first, second) = (Tally::new(), Tally::new());
+    let mut subs = Vec::new();
+    for (module, tally) in [("first", &first), ("second", &second)] {
+        subs.push(
+            bus.module(module)
+                .subscribe(record_slowly(tally))
+                .concurrency(4)
+                .ordering(Ordering::Unordered)
+                .await
+                .unwrap(),
+        );
+    }
+    let publisher = bus.module(MODULE);
+    // Both groups joined and assigned before the bulk arrives.
+    let warm_up = publisher
+        .publish(Ping {
+            seq: u64::MAX,
+            body: String::new(),
+        })
+        .await
+        .expect("publish the warm-up event");
+    first
+        .wait_for_all("first group joined", &HashSet::from([warm_up]))
+        .await;
+    second
+        .wait_for_all("second group joined", &HashSet::from([warm_up]))
+        .await;
+    let mut ids: HashSet<Uuid> = futures_util::stream::iter(0..events)
+        .map(|seq| {
+            let publisher = publisher.clone();
+            async move {
+                let key = PublishOptions::new().key(format!("k{}", seq % 64));
+                let ping = Ping {
+                    seq,
+                    body: String::new(),
+                };
+                publisher.publish_with(ping, key).await
+            }
+        })
+        .buffer_unordered(32)
+        .map(|r| r.expect("publish"))
+        .collect()
+        .await;
+    assert_eq!(ids.len() as u64, events, "publish returned duplicate ids");
+    ids.insert(warm_up);
+    assert!(
+        first.distinct() < ids.len(),
+        "the restart must come mid-stream (the first group had handled everything)"
+    );
+    restart.await;
+    first
+        .wait_for_all("first group after the restart", &ids)
+        .await;
+    second
+        .wait_for_all("second group after the restart", &ids)
+        .await;
+    first.assert_exactly("first group", &ids, dup);
+    second.assert_exactly("second group", &ids, dup);
+    drop(subs);
+    finish(h, &ns, &bus).await;
+}
+
 /// Case 16: two consumers (two transport clients, as two processes would
 /// have) in one group, keyed events whose first attempt fails: every event
 /// is still handled (a retry never leaves its key stalled in one consumer
@@ -1311,9 +1563,6 @@ pub async fn two_consumers_keyed_retries(h: &dyn Harness) {
     let ns = namespace("twokeyed");
     let first = h.transport(&ns).await;
     let caps = first.capabilities();
-    if !caps.consumer_groups {
-        return skip("two_consumers_keyed_retries", "no consumer groups");
-    }
     let second = h.transport(&ns).await;
     let (bus_a, bus_b) = (bus_on(first), bus_on(second));
     const KEYS: u64 = 6;
@@ -1366,7 +1615,7 @@ pub async fn two_consumers_keyed_retries(h: &dyn Harness) {
     for sub in &subs {
         assert_eq!(sub.stats().dead_lettered, 0);
     }
-    let _ = bus_b.shutdown(Duration::from_secs(10)).await;
+    let _ = shut_down(&bus_b, Duration::from_secs(10)).await;
     finish(h, &ns, &bus_a).await;
 }
 
@@ -1377,12 +1626,6 @@ pub async fn two_consumers_keyed_retries(h: &dyn Harness) {
 pub async fn restarts_never_consume_attempts(h: &dyn Harness) {
     let ns = namespace("attempts");
     let transport = h.transport(&ns).await;
-    if !transport.capabilities().persistent {
-        return skip(
-            "restarts_never_consume_attempts",
-            "not persistent: shutdown hands events back in its report",
-        );
-    }
     let bus = bus_on(transport);
     const N: u64 = 5;
     // Declare the group, then publish: one key, so one runs and the rest wait.
@@ -1404,7 +1647,7 @@ pub async fn restarts_never_consume_attempts(h: &dyn Harness) {
     let ids = publish_pings(&bus, N, 1, 1).await;
     started.notified().await;
     assert_eq!(first.stats().dead_lettered, 0);
-    let _ = bus.shutdown(Duration::from_millis(50)).await;
+    let _ = shut_down(&bus, Duration::from_millis(50)).await;
     // Three more consumers that stop at their deadline while holding them.
     for _ in 0..3 {
         let bus = bus_on(h.transport(&ns).await);
@@ -1431,7 +1674,7 @@ pub async fn restarts_never_consume_attempts(h: &dyn Harness) {
             0,
             "a stop dead-lettered an event"
         );
-        let _ = bus.shutdown(Duration::from_millis(50)).await;
+        let _ = shut_down(&bus, Duration::from_millis(50)).await;
     }
     // The last consumer handles them all, each on its first attempt.
     let bus = bus_on(h.transport(&ns).await);
@@ -1466,36 +1709,897 @@ pub async fn restarts_never_consume_attempts(h: &dyn Harness) {
     finish(h, &ns, &bus).await;
 }
 
-/// Runs every case the transport's capabilities allow, in order.
+/// Case 18: where a new group starts. A group that subscribes after events
+/// were published receives only the events published after it first
+/// existed; a group declared (subscribed, then closed) before the publishes
+/// receives them when it subscribes again.
+pub async fn where_a_new_group_starts(h: &dyn Harness) {
+    let ns = namespace("newgroup");
+    let transport = h.transport(&ns).await;
+    let dup = transport.capabilities().duplicates;
+    let bus = bus_on(transport);
+    let (witness, declared, late) = (Tally::new(), Tally::new(), Tally::new());
+    let _witness = bus
+        .module("witness")
+        .subscribe(record_into::<Ping>(&witness))
+        .ordering(Ordering::Unordered)
+        .await
+        .unwrap();
+    bus.module("declared")
+        .subscribe(record_into::<Ping>(&declared))
+        .await
+        .expect("declare the group")
+        .close()
+        .await
+        .expect("close the declared group");
+    let before = publish_pings(&bus, 20, 1, 0).await;
+    // Published and delivered: the events exist before the late group does.
+    witness.wait_for_all("the witness group", &before).await;
+    let _late = bus
+        .module("late")
+        .subscribe(record_into::<Ping>(&late))
+        .await
+        .expect("subscribe a new group");
+    let _declared = bus
+        .module("declared")
+        .subscribe(record_into::<Ping>(&declared))
+        .await
+        .expect("subscribe the declared group again");
+    let after = publish_pings(&bus, 20, 1, 0).await;
+    let all: HashSet<Uuid> = before.union(&after).copied().collect();
+    late.wait_for_all("the new group: events published after it existed", &after)
+        .await;
+    declared
+        .wait_for_all(
+            "the declared group: events published while it was closed, and after",
+            &all,
+        )
+        .await;
+    witness.wait_for_all("the witness group", &all).await;
+    // Old events a transport wrongly hands the new group would be on their
+    // way by now; give them a moment to show.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let seen = late.snapshot();
+    let old = before.iter().filter(|id| seen.contains_key(id)).count();
+    assert_eq!(
+        old,
+        0,
+        "a group that first subscribed after {} events were published received {old} of them \
+         (a group receives every event published after it first existed, and none before)",
+        before.len()
+    );
+    late.assert_exactly("the new group", &after, dup);
+    declared.assert_exactly("the declared group", &all, dup);
+    finish(h, &ns, &bus).await;
+}
+
+/// Case 19: publishing an event that no group subscribes to is Ok, before
+/// anything is declared and while other groups exist; the flow goes on.
+pub async fn unrouted_publish_is_ok(h: &dyn Harness) {
+    let ns = namespace("unrouted");
+    let transport = h.transport(&ns).await;
+    let bus = bus_on(transport.clone());
+    let publisher = bus.module(MODULE);
+    publisher
+        .publish(Tick { seq: 0 })
+        .await
+        .expect("publishing an event no group subscribes to, nothing declared yet, is Ok");
+    transport
+        .publish(raw("conformance.tick", 1, b"{\"seq\":1}"))
+        .await
+        .expect("a raw publish of an event no group subscribes to is Ok");
+    let tally = Tally::new();
+    let _sub = bus
+        .module("listener")
+        .subscribe(record_into::<Ping>(&tally))
+        .await
+        .unwrap();
+    for seq in 0..5 {
+        publisher
+            .publish(Pong { seq })
+            .await
+            .expect("publishing an event no group subscribes to, while other groups exist, is Ok");
+    }
+    let id = publisher
+        .publish(Ping {
+            seq: 1,
+            body: "routed".into(),
+        })
+        .await
+        .expect("a routed publish after unrouted ones");
+    tally
+        .wait_for_all("the routed event", &HashSet::from([id]))
+        .await;
+    tally.assert_exactly("the routed event", &HashSet::from([id]), true);
+    finish(h, &ns, &bus).await;
+}
+
+/// Publishes a ping that encodes to exactly `limit` bytes (delivered
+/// whole), then one byte more (refused with
+/// [`ErrorKind::PayloadTooLarge`], not retryable), then a small one
+/// (delivered: the flow goes on).
+async fn payload_limit_holds(
+    bus: &Bus,
+    limit: usize,
+    what: &str,
+    tally: &Arc<Tally>,
+    bodies: &Arc<Mutex<HashMap<Uuid, usize>>>,
+) {
+    use crate::codec::Codec as _;
+    let encoded = |ping: &Ping| crate::codec::JsonCodec.encode(ping).expect("encode").len();
+    let overhead = encoded(&Ping {
+        seq: 7,
+        body: String::new(),
+    });
+    assert!(limit > overhead, "{what}: a limit of {limit} bytes");
+    let at = Ping {
+        seq: 7,
+        body: "x".repeat(limit - overhead),
+    };
+    assert_eq!(encoded(&at), limit);
+    let publisher = bus.module(MODULE);
+    let id = publisher
+        .publish(at)
+        .await
+        .unwrap_or_else(|e| panic!("{what}: a payload of exactly {limit} bytes is accepted: {e}"));
+    tally
+        .wait_for_all(
+            &format!("{what}: the payload at the limit"),
+            &HashSet::from([id]),
+        )
+        .await;
+    assert_eq!(
+        bodies.lock().unwrap().get(&id).copied(),
+        Some(limit - overhead),
+        "{what}: the payload at the limit arrives whole"
+    );
+    let err = publisher
+        .publish(Ping {
+            seq: 8,
+            body: "x".repeat(limit - overhead + 1),
+        })
+        .await
+        .expect_err(&format!(
+            "{what}: a payload one byte over {limit} is refused"
+        ));
+    assert_eq!(err.kind(), ErrorKind::PayloadTooLarge, "{what}: {err}");
+    assert!(!err.is_retryable(), "{what}: too large is not retryable");
+    let small = publisher
+        .publish(Ping {
+            seq: 9,
+            body: "small".into(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{what}: a small publish after a refused one: {e}"));
+    tally
+        .wait_for_all(
+            &format!("{what}: the small event after the refused one"),
+            &HashSet::from([small]),
+        )
+        .await;
+}
+
+/// Case 20: a payload at the size limit (the transport's
+/// [`max_payload`](crate::transport::Capabilities::max_payload), the bus's
+/// [`DEFAULT_MAX_PAYLOAD`](crate::DEFAULT_MAX_PAYLOAD), or a smaller
+/// [`BusBuilder::max_payload`](crate::BusBuilder::max_payload)) is
+/// delivered, one byte over is refused at publish with
+/// [`ErrorKind::PayloadTooLarge`] (not retryable), and the flow continues.
+/// A transport that shares values (never encodes them) is checked with the
+/// bus in `verify_codec` mode, where its payloads are encoded.
+pub async fn payload_size_limit(h: &dyn Harness) {
+    let ns = namespace("payload");
+    let transport = h.transport(&ns).await;
+    let caps = transport.capabilities();
+    let verify = caps.shares_values;
+    let bus = Bus::builder()
+        .transport_arc("under-test", transport.clone())
+        .verify_codec(verify)
+        .build()
+        .expect("conformance bus");
+    let tally = Tally::new();
+    let bodies: Arc<Mutex<HashMap<Uuid, usize>>> = Arc::default();
+    let (t, b) = (tally.clone(), bodies.clone());
+    let _sub = bus
+        .module("sizer")
+        .subscribe(move |p: Received<Ping>, ctx: Context| {
+            let (t, b) = (t.clone(), b.clone());
+            async move {
+                b.lock().unwrap().insert(ctx.envelope().id(), p.body.len());
+                t.record(ctx.envelope().id());
+                ok()
+            }
+        })
+        .await
+        .unwrap();
+    let limit = caps.max_payload.map_or(crate::DEFAULT_MAX_PAYLOAD, |m| {
+        m.min(crate::DEFAULT_MAX_PAYLOAD)
+    });
+    payload_limit_holds(&bus, limit, "the default limit", &tally, &bodies).await;
+    // A smaller limit set on the bus (a second bus on the same transport).
+    let small = Bus::builder()
+        .transport_arc("under-test", transport.clone())
+        .verify_codec(verify)
+        .max_payload(4096)
+        .build()
+        .expect("a bus with a small limit");
+    payload_limit_holds(
+        &small,
+        limit.min(4096),
+        "BusBuilder::max_payload(4096)",
+        &tally,
+        &bodies,
+    )
+    .await;
+    // The transport's own check, for an envelope that did not come through
+    // a bus.
+    if let Some(max) = caps.max_payload {
+        let oversized = Envelope::from_bytes(
+            Attributes::new(MODULE, "conformance.ping", 1),
+            vec![b' '; max + 1],
+        );
+        let err = transport
+            .publish(oversized)
+            .await
+            .expect_err("the transport refuses a payload over its max_payload");
+        assert_eq!(err.kind(), ErrorKind::PayloadTooLarge, "{err}");
+        assert!(!err.is_retryable());
+    }
+    finish(h, &ns, &bus).await;
+}
+
+/// The ids of a dead-letter listing; fails if one is listed twice.
+fn listed_ids(what: &str, listed: &[crate::transport::DeadLetter]) -> HashSet<Uuid> {
+    let ids: HashSet<Uuid> = listed.iter().map(|d| d.envelope.id()).collect();
+    assert_eq!(
+        ids.len(),
+        listed.len(),
+        "{what}: {} entries for {} distinct ids (an id listed twice)",
+        listed.len(),
+        ids.len()
+    );
+    ids
+}
+
+/// Fails unless `listed` is exactly `expected`, naming what is missing or
+/// foreign.
+fn assert_listing(what: &str, listed: &HashSet<Uuid>, expected: &HashSet<Uuid>) {
+    let missing = expected.difference(listed).count();
+    let foreign = listed.difference(expected).count();
+    assert!(
+        missing == 0 && foreign == 0,
+        "{what}: {missing} of {} dead letters missing, {foreign} listed that should not be",
+        expected.len()
+    );
+}
+
+/// Case 21: dead letters listed by two listers at the same time, and while
+/// a redrive runs: every listing is complete and consistent (no id missing
+/// that stays in the store, none twice), the redrive moves exactly what it
+/// was asked to, and nothing is lost or duplicated in the store.
+pub async fn dead_letters_listed_concurrently(h: &dyn Harness) {
+    const N: u64 = 30;
+    let ns = namespace("dllisting");
+    let transport = h.transport(&ns).await;
+    let dup = transport.capabilities().duplicates;
+    let bus = bus_on(transport);
+    let healed = Arc::new(AtomicBool::new(false));
+    let tally = Tally::new();
+    let (t, healed2) = (tally.clone(), healed.clone());
+    let sub = bus
+        .module("lister")
+        .subscribe(move |_p: Received<Ping>, ctx: Context| {
+            let (t, healed) = (t.clone(), healed2.clone());
+            async move {
+                if !healed.load(SeqCst) {
+                    return Err(HandlerError::reject("refused until healed"));
+                }
+                t.record(ctx.envelope().id());
+                ok()
+            }
+        })
+        .concurrency(4)
+        .ordering(Ordering::Unordered)
+        .await
+        .unwrap();
+    let ids = publish_pings(&bus, N, 1, 0).await;
+    poll_until("every event in the dead-letter store", || async {
+        sub.dead_letters()
+            .await
+            .is_ok_and(|d| d.len() >= N as usize)
+    })
+    .await;
+    assert_listing(
+        "the dead letters",
+        &listed_ids("the dead letters", &sub.dead_letters().await.unwrap()),
+        &ids,
+    );
+    // Two listers at once, several times over.
+    for round in 1..=5 {
+        let (a, b) = tokio::join!(sub.dead_letters(), sub.dead_letters());
+        for (which, listed) in [("first", a), ("second", b)] {
+            let what = format!("round {round}, the {which} of two concurrent listings");
+            let listed = listed.unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_listing(&what, &listed_ids(&what, &listed), &ids);
+        }
+    }
+    // Listings while half of them are redriven.
+    let mut sorted: Vec<Uuid> = ids.iter().copied().collect();
+    sorted.sort();
+    let (moved, stay) = sorted.split_at(sorted.len() / 2);
+    let (moved_set, stay_set): (HashSet<Uuid>, HashSet<Uuid>) = (
+        moved.iter().copied().collect(),
+        stay.iter().copied().collect(),
+    );
+    healed.store(true, SeqCst);
+    let listing = async {
+        let mut listings = Vec::new();
+        for _ in 0..5 {
+            listings.push(sub.dead_letters().await);
+            tokio::task::yield_now().await;
+        }
+        listings
+    };
+    let (redriven, listings) = tokio::join!(sub.redrive(Some(moved)), listing);
+    assert_eq!(
+        redriven.expect("redrive half beside listings"),
+        moved.len(),
+        "a redrive that ran beside listings moved the wrong number of dead letters"
+    );
+    for (i, listed) in listings.into_iter().enumerate() {
+        let what = format!("listing {} during a redrive", i + 1);
+        let listed = listed_ids(&what, &listed.unwrap_or_else(|e| panic!("{what}: {e}")));
+        let lost = stay_set.difference(&listed).count();
+        let foreign = listed.difference(&ids).count();
+        assert_eq!(
+            lost, 0,
+            "{what}: {lost} dead letters that the redrive leaves in place were not listed"
+        );
+        assert_eq!(foreign, 0, "{what}: {foreign} ids never dead-lettered");
+    }
+    let rest = listed_ids("after the redrive", &sub.dead_letters().await.unwrap());
+    assert_listing("the dead letters after redriving half", &rest, &stay_set);
+    tally.wait_for_all("the redriven half", &moved_set).await;
+    // The rest, redriven while another lister reads.
+    let (redriven, listed) = tokio::join!(sub.redrive(None), sub.dead_letters());
+    assert_eq!(redriven.expect("redrive the rest"), stay.len());
+    let listed = listed_ids("a listing beside the last redrive", &listed.unwrap());
+    let foreign = listed.difference(&stay_set).count();
+    assert_eq!(
+        foreign, 0,
+        "a listing beside the last redrive: {foreign} foreign ids"
+    );
+    tally.wait_for_all("every redriven event", &ids).await;
+    tally.assert_exactly("every redriven event", &ids, dup);
+    assert!(
+        sub.dead_letters().await.unwrap().is_empty(),
+        "dead letters left after redriving them all"
+    );
+    if !dup {
+        assert_eq!(
+            sub.stats().dead_lettered,
+            N,
+            "each event dead-lettered once"
+        );
+    }
+    finish(h, &ns, &bus).await;
+}
+
+/// Case 22 (transports with inline dispatch): a shutdown while an inline
+/// handler runs waits for it and reports `drained` only once it ended; a
+/// shutdown whose deadline passes first reports the event unfinished, not
+/// drained.
+pub async fn inline_shutdown_waits_for_the_handler(h: &dyn Harness) {
+    // The deadline is long: the handler ends before it.
+    let ns = namespace("inline");
+    let bus = bus_on(h.transport(&ns).await);
+    let (started, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let done = Arc::new(AtomicBool::new(false));
+    let (s, r, d) = (started.clone(), release.clone(), done.clone());
+    let _sub = bus
+        .module("inline")
+        .subscribe(move |_p: Received<Ping>, _ctx: Context| {
+            let (s, r, d) = (s.clone(), r.clone(), d.clone());
+            async move {
+                s.notify_one();
+                r.notified().await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                d.store(true, SeqCst);
+                ok()
+            }
+        })
+        .dispatch(crate::Dispatch::Inline)
+        .await
+        .expect("an inline subscription");
+    let publishing = {
+        let m = bus.module(MODULE);
+        tokio::spawn(async move {
+            m.publish(Ping {
+                seq: 1,
+                body: String::new(),
+            })
+            .await
+        })
+    };
+    tokio::time::timeout(patience(), started.notified())
+        .await
+        .expect("the inline handler started");
+    let shutting = {
+        let bus = bus.clone();
+        tokio::spawn(async move { bus.shutdown(Duration::from_secs(30)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !shutting.is_finished(),
+        "shutdown returned while an inline handler was still running"
+    );
+    release.notify_one();
+    let report = tokio::time::timeout(patience(), shutting)
+        .await
+        .expect("shutdown ends once the inline handler did")
+        .expect("shutdown task")
+        .expect("shutdown");
+    assert!(
+        done.load(SeqCst),
+        "shutdown returned before the inline handler ended"
+    );
+    assert!(
+        report.drained,
+        "the inline handler ended before the deadline: drained"
+    );
+    assert!(report.unfinished.is_empty(), "{:?}", report.unfinished);
+    tokio::time::timeout(patience(), publishing)
+        .await
+        .expect("the inline publish returns")
+        .expect("publish task")
+        .expect("the inline publish whose handler ran is Ok");
+    clean_up(h, &ns).await;
+
+    // The deadline passes while the handler still runs.
+    let ns = namespace("inlinecut");
+    let bus = bus_on(h.transport(&ns).await);
+    let started = Arc::new(Notify::new());
+    let s = started.clone();
+    let _sub = bus
+        .module("inline")
+        .subscribe(move |_p: Received<Ping>, _ctx: Context| {
+            let s = s.clone();
+            async move {
+                s.notify_one();
+                std::future::pending::<()>().await;
+                ok()
+            }
+        })
+        .dispatch(crate::Dispatch::Inline)
+        .await
+        .expect("an inline subscription");
+    let publishing = {
+        let m = bus.module(MODULE);
+        tokio::spawn(async move {
+            m.publish(Ping {
+                seq: 2,
+                body: String::new(),
+            })
+            .await
+        })
+    };
+    tokio::time::timeout(patience(), started.notified())
+        .await
+        .expect("the inline handler started");
+    let report = tokio::time::timeout(patience(), bus.shutdown(Duration::from_millis(200)))
+        .await
+        .expect("shutdown ends at its deadline")
+        .expect("shutdown");
+    assert!(
+        !report.drained,
+        "shutdown reported drained while an inline handler was still running"
+    );
+    let published = tokio::time::timeout(patience(), publishing)
+        .await
+        .expect("an inline publish cut off by the deadline returns")
+        .expect("publish task");
+    if let Ok(id) = published {
+        assert!(
+            report.unfinished.iter().any(|u| u.envelope.id() == id),
+            "the event whose inline run the deadline cut off is not in the report's unfinished"
+        );
+    }
+    clean_up(h, &ns).await;
+}
+
+/// Whether a case applies to a transport: `Err` says why not.
+pub type Applies = Result<(), &'static str>;
+
+/// A case's body, as the [`Suite`] runs it.
+pub type CaseFn = for<'a> fn(&'a dyn Harness) -> LocalBoxFuture<'a, ()>;
+
+/// One case of the suite: its test name, when it applies, its body.
+#[derive(Clone, Copy)]
+pub struct Case {
+    /// The test's name (`c01_envelope_intact`).
+    pub name: &'static str,
+    /// Whether the case applies, from the transport's capabilities (and,
+    /// for the broker restart, whether the harness can restart its broker).
+    /// The one place that decides; a body never skips itself.
+    pub applies: fn(&Capabilities, &dyn Harness) -> Applies,
+    /// The case.
+    pub run: CaseFn,
+    /// Runs alone, after every other case (it stops the broker).
+    pub alone: bool,
+}
+
+impl fmt::Debug for Case {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Case")
+            .field("name", &self.name)
+            .field("alone", &self.alone)
+            .finish_non_exhaustive()
+    }
+}
+
+fn needs(has: bool, why: &'static str) -> Applies {
+    if has {
+        Ok(())
+    } else {
+        Err(why)
+    }
+}
+
+fn always(_: &Capabilities, _: &dyn Harness) -> Applies {
+    Ok(())
+}
+
+fn restart_applies(caps: &Capabilities, h: &dyn Harness) -> Applies {
+    needs(
+        caps.persistent,
+        "not persistent: nothing is kept across a restart to check",
+    )?;
+    // With brokers required, a persistent transport whose harness cannot
+    // restart its broker runs the case, and fails: it never passes by
+    // skipping.
+    needs(
+        h.restart_broker().is_some() || brokers_required(),
+        "the harness cannot restart this broker (not the local one); \
+         SEAMBUS_REQUIRE_BROKERS=1 makes this a failure",
+    )
+}
+
+async fn broker_restart_case(h: &dyn Harness) {
+    let restart = h.restart_broker().expect(
+        "a persistent transport's harness must restart its broker when \
+         SEAMBUS_REQUIRE_BROKERS=1 (Harness::restart_broker returned None)",
+    );
+    broker_restart(h, restart).await
+}
+
+macro_rules! case {
+    ($name:literal, $body:ident, $applies:expr) => {
+        case!($name, $body, $applies, false)
+    };
+    ($name:literal, $body:ident, $applies:expr, $alone:literal) => {
+        Case {
+            name: $name,
+            applies: $applies,
+            run: |h| Box::pin($body(h)),
+            alone: $alone,
+        }
+    };
+}
+
+/// Every case, in the order [`run_all`] and the [`Suite`] run them (the
+/// broker restart last), each with the one rule that says when it applies.
+pub fn cases() -> Vec<Case> {
+    vec![
+        case!("c01_envelope_intact", envelope_intact, always),
+        case!(
+            "c02_many_publishers_and_subscribers",
+            many_publishers_and_subscribers,
+            always
+        ),
+        case!("c03_topics_isolated", topics_isolated, always),
+        case!(
+            "c04_groups_fan_out_and_compete",
+            groups_fan_out_and_compete,
+            |c, _| needs(c.consumer_groups, "no consumer groups")
+        ),
+        case!("c05_per_key_order", per_key_order, |c, _| needs(
+            c.per_key_order,
+            "no per-key order"
+        )),
+        case!(
+            "c06_transient_failure_redelivered",
+            transient_failure_redelivered,
+            always
+        ),
+        case!(
+            "c07_many_failures_then_all_consumed",
+            many_failures_then_all_consumed,
+            always
+        ),
+        case!(
+            "c08_dead_letter_after_max_attempts",
+            dead_letter_after_max_attempts,
+            always
+        ),
+        case!(
+            "c09_undecodable_dead_lettered",
+            undecodable_dead_lettered,
+            always
+        ),
+        case!("c10_upcast_older_version", upcast_older_version, always),
+        case!("c11_panic_caught", panic_caught, always),
+        case!("c12_close_and_reopen", close_and_reopen, always),
+        case!("c13_shutdown_under_load", shutdown_under_load, always),
+        case!(
+            "c14_publisher_closes_in_flight",
+            publisher_closes_in_flight,
+            always
+        ),
+        case!(
+            "c16_two_consumers_keyed_retries",
+            two_consumers_keyed_retries,
+            |c, _| needs(c.consumer_groups, "no consumer groups")
+        ),
+        case!(
+            "c17_restarts_never_consume_attempts",
+            restarts_never_consume_attempts,
+            |c, _| needs(
+                c.persistent,
+                "not persistent: shutdown hands events back in its report"
+            )
+        ),
+        case!(
+            "c18_where_a_new_group_starts",
+            where_a_new_group_starts,
+            always
+        ),
+        case!("c19_unrouted_publish_is_ok", unrouted_publish_is_ok, always),
+        case!("c20_payload_size_limit", payload_size_limit, always),
+        case!(
+            "c21_dead_letters_listed_concurrently",
+            dead_letters_listed_concurrently,
+            |c, _| needs(c.dead_letter_store, "no dead-letter store")
+        ),
+        case!(
+            "c22_inline_shutdown_waits_for_the_handler",
+            inline_shutdown_waits_for_the_handler,
+            |c, _| needs(c.inline_dispatch, "no inline dispatch")
+        ),
+        case!(
+            "c15_broker_restart",
+            broker_restart_case,
+            restart_applies,
+            true
+        ),
+    ]
+}
+
+/// Runs every case that applies to the harness's transport, one after
+/// another (the broker restart last); cases that do not apply are listed
+/// on stderr. The [`Suite`] is the usual entry point: it reports each case
+/// as its own test.
 pub async fn run_all(h: &dyn Harness) {
     if !broker_ready(h) {
         return;
     }
-    envelope_intact(h).await;
-    many_publishers_and_subscribers(h).await;
-    topics_isolated(h).await;
-    groups_fan_out_and_compete(h).await;
-    per_key_order(h).await;
-    transient_failure_redelivered(h).await;
-    many_failures_then_all_consumed(h).await;
-    dead_letter_after_max_attempts(h).await;
-    undecodable_dead_lettered(h).await;
-    upcast_older_version(h).await;
-    panic_caught(h).await;
-    close_and_reopen(h).await;
-    shutdown_under_load(h).await;
-    publisher_closes_in_flight(h).await;
-    two_consumers_keyed_retries(h).await;
-    restarts_never_consume_attempts(h).await;
-    match h.restart_broker() {
-        Some(restart) => broker_restart(h, restart).await,
-        None => skip("broker_restart", "the harness cannot restart its broker"),
+    let caps = probe(h).await;
+    for case in cases() {
+        match (case.applies)(&caps, h) {
+            Ok(()) => (case.run)(h).await,
+            Err(why) => eprintln!("conformance: {} does not apply: {why}", case.name),
+        }
     }
 }
 
-/// Generates one `#[test]` per conformance case for a [`Harness`] value.
+/// The capabilities of the harness's transport (one client, made and shut
+/// down again).
+async fn probe(h: &dyn Harness) -> Capabilities {
+    let ns = namespace("capabilities");
+    let transport = h.transport(&ns).await;
+    let caps = transport.capabilities();
+    let _ = tokio::time::timeout(patience(), transport.shutdown(Duration::from_secs(5))).await;
+    clean_up(h, &ns).await;
+    caps
+}
+
+/// The conformance suite as a test binary: one test per case, a case that
+/// does not apply reported *ignored* with the reason, so cargo's
+/// `test result:` line counts it.
+///
+/// Built for a `harness = false` test target (see
+/// [`conformance_tests!`](crate::conformance_tests)):
+/// it reads the usual test arguments (filters, `--list`,
+/// `--test-threads`, ...). One transport is created up front to read its
+/// capabilities. When the broker is unavailable every case is reported
+/// ignored with the reason, or failed when `SEAMBUS_REQUIRE_BROKERS=1`.
+/// Cases run on parallel threads (one at a time with [`Suite::serial`]);
+/// the broker restart runs alone, after all the others.
+pub struct Suite {
+    harness: Arc<dyn Harness>,
+    serial: bool,
+    extra: Vec<(String, CaseFn)>,
+}
+
+impl fmt::Debug for Suite {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Suite")
+            .field("serial", &self.serial)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A case's turn: shared with the other cases, or alone.
+enum Turn<'a> {
+    Shared(#[allow(dead_code)] std::sync::RwLockReadGuard<'a, ()>),
+    Alone(#[allow(dead_code)] std::sync::RwLockWriteGuard<'a, ()>),
+}
+
+/// What the up-front look at the harness found.
+enum Probed {
+    Ready(Capabilities),
+    /// The broker does not answer (the harness says so).
+    Unavailable(String),
+    /// It answers, but no transport could be made.
+    Broken(String),
+}
+
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".to_owned())
+}
+
+impl Suite {
+    /// The suite for `harness`.
+    pub fn new(harness: impl Harness + 'static) -> Self {
+        Self {
+            harness: Arc::new(harness),
+            serial: false,
+            extra: Vec::new(),
+        }
+    }
+
+    /// One case at a time (for brokers that cannot take parallel clients).
+    pub fn serial(mut self) -> Self {
+        self.serial = true;
+        self
+    }
+
+    /// Adds a test of the crate's own, run like a case that applies (after
+    /// the cases, before the broker restart).
+    pub fn with_test(mut self, name: impl Into<String>, run: CaseFn) -> Self {
+        self.extra.push((name.into(), run));
+        self
+    }
+
+    fn probe(&self) -> Probed {
+        if let Some(why) = self.harness.unavailable() {
+            return Probed::Unavailable(why);
+        }
+        let h = self.harness.clone();
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| block_on(probe(&*h)))) {
+            Ok(caps) => Probed::Ready(caps),
+            Err(payload) => Probed::Broken(panic_text(&*payload)),
+        }
+    }
+
+    /// The tests, in order: every case (the restart last), ignored with the
+    /// reason where it does not apply.
+    pub fn trials(&self) -> Vec<libtest_mimic::Trial> {
+        self.trials_for(&self.probe())
+    }
+
+    fn trials_for(&self, probed: &Probed) -> Vec<libtest_mimic::Trial> {
+        use libtest_mimic::{Completion, Failed, Trial};
+        // Ordinary cases share the lock; a case that runs alone takes it
+        // for itself (and comes last, so nothing starts after it).
+        let lock = Arc::new(std::sync::RwLock::new(()));
+        let mut bodies: Vec<(String, Applies, CaseFn, bool)> = Vec::new();
+        let cases = cases();
+        let (alone, others): (Vec<Case>, Vec<Case>) = cases.into_iter().partition(|c| c.alone);
+        let applies = |case: &Case| match probed {
+            Probed::Ready(caps) => (case.applies)(caps, &*self.harness),
+            _ => Ok(()),
+        };
+        for case in &others {
+            bodies.push((case.name.to_owned(), applies(case), case.run, false));
+        }
+        for (name, run) in &self.extra {
+            bodies.push((name.clone(), Ok(()), *run, false));
+        }
+        for case in &alone {
+            bodies.push((case.name.to_owned(), applies(case), case.run, true));
+        }
+        bodies
+            .into_iter()
+            .map(|(name, applies, run, alone)| match (probed, applies) {
+                (Probed::Unavailable(why), _) if brokers_required() => {
+                    let why = format!(
+                        "broker required (SEAMBUS_REQUIRE_BROKERS=1) but unavailable: {why}"
+                    );
+                    Trial::test(name, move || Err(Failed::from(why)))
+                }
+                (Probed::Unavailable(why), _) => {
+                    let why = format!("broker unavailable: {why}");
+                    Trial::ignorable_test(name, move || Ok(Completion::ignored_with(why)))
+                }
+                (Probed::Broken(why), _) => {
+                    let why = format!("no transport could be made: {why}");
+                    Trial::test(name, move || Err(Failed::from(why)))
+                }
+                (Probed::Ready(_), Err(why)) => {
+                    Trial::ignorable_test(name, move || Ok(Completion::ignored_with(why)))
+                }
+                (Probed::Ready(_), Ok(())) => {
+                    let (h, lock) = (self.harness.clone(), lock.clone());
+                    Trial::test(name.clone(), move || {
+                        let _turn = if alone {
+                            Turn::Alone(lock.write().unwrap_or_else(|e| e.into_inner()))
+                        } else {
+                            Turn::Shared(lock.read().unwrap_or_else(|e| e.into_inner()))
+                        };
+                        let thread = capture::thread_name(&name);
+                        let ran = std::thread::Builder::new()
+                            .name(thread.clone())
+                            .spawn(move || block_on(run(&*h)))
+                            .expect("a thread for the case")
+                            .join();
+                        let output = capture::take(&thread);
+                        ran.map_err(|payload| {
+                            let mut text = panic_text(&*payload);
+                            if !output.is_empty() {
+                                text.push_str("\n\n---- output ----\n");
+                                text.push_str(&output);
+                            }
+                            Failed::from(text)
+                        })
+                    })
+                }
+            })
+            .collect()
+    }
+
+    /// Runs the suite with the process's test arguments and returns the
+    /// exit code (what `main` returns).
+    pub fn run(self) -> ExitCode {
+        let mut args = libtest_mimic::Arguments::from_args();
+        if self.serial {
+            args.test_threads = Some(1);
+        }
+        capture::install(!args.nocapture);
+        let probed = if args.list {
+            // Names only: no broker needed.
+            Probed::Unavailable(String::new())
+        } else {
+            let probed = self.probe();
+            match &probed {
+                Probed::Unavailable(why) if !brokers_required() => eprintln!(
+                    "SKIPPED: broker unavailable: {why}; every conformance case is ignored \
+                     (set SEAMBUS_REQUIRE_BROKERS=1 to fail instead)"
+                ),
+                _ => {}
+            }
+            probed
+        };
+        libtest_mimic::run(&args, self.trials_for(&probed)).exit_code()
+    }
+}
+
+/// Generates the `main` of a conformance test binary (a `harness = false`
+/// test target) for a [`Harness`] value: one test per case, each case that
+/// does not apply reported ignored with the reason (see [`Suite`]).
+///
+/// ```toml
+/// # Cargo.toml
+/// [[test]]
+/// name = "conformance"
+/// harness = false
+/// ```
 ///
 /// ```ignore
+/// // tests/conformance.rs
 /// seambus::conformance_tests!(MyHarness::new());
 /// // one case at a time (for brokers that cannot take parallel clients):
 /// seambus::conformance_tests!(serial: MyHarness::new());
@@ -1503,61 +2607,13 @@ pub async fn run_all(h: &dyn Harness) {
 #[macro_export]
 macro_rules! conformance_tests {
     (serial: $harness:expr) => {
-        static SERIAL: ::std::sync::Mutex<()> = ::std::sync::Mutex::new(());
-        // The guard lives for the whole test: one case at a time.
-        $crate::conformance_tests!(@all {
-            ::std::option::Option::Some(SERIAL.lock().unwrap_or_else(|e| e.into_inner()))
-        } $harness);
-    };
-    ($harness:expr) => {
-        $crate::conformance_tests!(@all { ::std::option::Option::<()>::None } $harness);
-    };
-    (@all $guard:block $harness:expr) => {
-        $crate::conformance_tests!(@cases $guard $harness;
-            c01_envelope_intact => envelope_intact,
-            c02_many_publishers_and_subscribers => many_publishers_and_subscribers,
-            c03_topics_isolated => topics_isolated,
-            c04_groups_fan_out_and_compete => groups_fan_out_and_compete,
-            c05_per_key_order => per_key_order,
-            c06_transient_failure_redelivered => transient_failure_redelivered,
-            c07_many_failures_then_all_consumed => many_failures_then_all_consumed,
-            c08_dead_letter_after_max_attempts => dead_letter_after_max_attempts,
-            c09_undecodable_dead_lettered => undecodable_dead_lettered,
-            c10_upcast_older_version => upcast_older_version,
-            c11_panic_caught => panic_caught,
-            c12_close_and_reopen => close_and_reopen,
-            c13_shutdown_under_load => shutdown_under_load,
-            c14_publisher_closes_in_flight => publisher_closes_in_flight,
-            c16_two_consumers_keyed_retries => two_consumers_keyed_retries,
-            c17_restarts_never_consume_attempts => restarts_never_consume_attempts,
-        );
-        #[test]
-        fn c15_broker_restart() {
-            let _guard = $guard;
-            $crate::conformance::block_on(async {
-                let harness = $harness;
-                if !$crate::conformance::broker_ready(&harness) {
-                    return;
-                }
-                match $crate::conformance::Harness::restart_broker(&harness) {
-                    Some(restart) => $crate::conformance::broker_restart(&harness, restart).await,
-                    None => eprintln!("conformance: skipping broker_restart: the harness cannot restart its broker"),
-                }
-            });
+        fn main() -> ::std::process::ExitCode {
+            $crate::conformance::Suite::new($harness).serial().run()
         }
     };
-    (@cases $guard:block $harness:expr; $($test:ident => $case:ident,)*) => {
-        $(
-            #[test]
-            fn $test() {
-                let _guard = $guard;
-                $crate::conformance::block_on(async {
-                    let harness = $harness;
-                    if $crate::conformance::broker_ready(&harness) {
-                        $crate::conformance::$case(&harness).await;
-                    }
-                });
-            }
-        )*
+    ($harness:expr) => {
+        fn main() -> ::std::process::ExitCode {
+            $crate::conformance::Suite::new($harness).run()
+        }
     };
 }

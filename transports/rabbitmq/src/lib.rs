@@ -6,14 +6,18 @@ mod error;
 mod source;
 mod wire;
 
-use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use lapin::options::{BasicAckOptions, BasicGetOptions, ExchangeDeleteOptions, QueueDeleteOptions};
-use lapin::types::AMQPValue;
+use lapin::options::{
+    BasicAckOptions, BasicGetOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::ExchangeKind;
 use seambus::transport::support::{dead_letter_from, drain, outgoing, Subscriptions};
 use seambus::transport::{
     Capabilities, Consumer, DeadLetter, DeliveryHandler, GroupId, ShutdownReport, SubscriptionSpec,
@@ -27,7 +31,10 @@ pub use config::{QueueType, RabbitMqConfig, TlsSettings};
 
 use crate::connection::{dead_letter_exchange, Connector, GroupQueues};
 use crate::error::amqp_error;
-use crate::wire::{envelope_of, properties_of, publish_confirmed, value_text, ATTEMPT, DL_PREFIX};
+use crate::wire::{
+    envelope_of, properties_of, publish_confirmed, publish_routed, value_text, Routed, ATTEMPT,
+    DL_PREFIX,
+};
 
 /// A [`Transport`] over RabbitMQ. See the crate docs for the mapping.
 #[derive(Clone)]
@@ -55,6 +62,12 @@ pub(crate) struct Inner {
     pub(crate) subscriptions: Arc<Subscriptions>,
     /// Queues declared by this transport, for [`RabbitMqTransport::delete_topology`].
     declared: Mutex<BTreeSet<String>>,
+    /// Publishes confirmed that no group's queue received.
+    unrouted: AtomicU64,
+    /// One lock per group's dead-letter queue: a scan holds the messages it
+    /// read unacknowledged until it ends, so two scans at once (listings, a
+    /// redrive) would each miss what the other holds.
+    scans: Mutex<HashMap<GroupId, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -63,14 +76,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl RabbitMqTransport {
     /// Connects (failing fast if the broker cannot be reached now; later
-    /// losses are recovered on their own).
+    /// losses are recovered on their own) and declares the exchange, so a
+    /// publish succeeds before any group subscribes.
     pub async fn connect(config: RabbitMqConfig) -> Result<Self> {
         config.validate()?;
         let closing = CancellationToken::new();
         let connector = Connector::new(config.clone(), closing.clone());
-        connector
+        let connection = connector
             .connection(Some(tokio::time::Instant::now()))
             .await?;
+        declare_exchange(&connection, &config.exchange).await?;
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
@@ -81,8 +96,19 @@ impl RabbitMqTransport {
                 gate: tokio::sync::RwLock::new(()),
                 subscriptions: Arc::default(),
                 declared: Mutex::default(),
+                unrouted: AtomicU64::new(0),
+                scans: Mutex::default(),
             }),
         })
+    }
+
+    /// How many publishes this transport made that no group received: the
+    /// broker confirmed them but no group's queue is bound to their event
+    /// (no group subscribes to it yet). Such a publish is Ok, like on every
+    /// transport; it is counted here and logged at debug level as
+    /// "unrouted".
+    pub fn unrouted(&self) -> u64 {
+        self.inner.unrouted.load(SeqCst)
     }
 
     /// The configuration in use.
@@ -121,7 +147,9 @@ impl RabbitMqTransport {
     /// Reads the group's dead-letter queue. Messages stay unacknowledged on
     /// a private channel; `keep(id)` says which to take out (acked after
     /// `take` stored them), the rest return to the queue when the channel
-    /// closes.
+    /// closes. Scans of one group in this process take turns, so each sees
+    /// the whole queue (a scan from another process at the same moment
+    /// still hides what it holds; see the README).
     async fn scan_dead_letters<F, Fut>(
         &self,
         group: &GroupId,
@@ -131,6 +159,11 @@ impl RabbitMqTransport {
         F: FnMut(DeadLetter, Vec<u8>, lapin::BasicProperties) -> Fut,
         Fut: std::future::Future<Output = Result<bool>>,
     {
+        let turn = lock(&self.inner.scans)
+            .entry(group.clone())
+            .or_default()
+            .clone();
+        let _turn = turn.lock().await;
         let queues = GroupQueues::new(&self.inner.config.exchange, group);
         let connection = self.inner.connector.connection(None).await?;
         let channel = connection
@@ -162,6 +195,29 @@ impl RabbitMqTransport {
         let _ = channel.close(200, "scanned".into()).await;
         result.map(|()| seen)
     }
+}
+
+/// Declares (idempotently, as [`connection::declare_group`] does) the
+/// topic exchange events are published to.
+async fn declare_exchange(connection: &lapin::Connection, exchange: &str) -> Result<()> {
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(|e| amqp_error("open channel", e))?;
+    channel
+        .exchange_declare(
+            exchange.into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| amqp_error(&format!("declare exchange {exchange}"), e))?;
+    let _ = channel.close(200, "declared".into()).await;
+    Ok(())
 }
 
 /// Reads a dead letter back from its message.
@@ -219,7 +275,7 @@ impl Transport for RabbitMqTransport {
                 ),
             ));
         }
-        publish_confirmed(
+        let routed = publish_routed(
             &self.inner.connector,
             &self.inner.config.exchange,
             &attrs.event_type,
@@ -227,7 +283,17 @@ impl Transport for RabbitMqTransport {
             properties_of(attrs, 1),
             self.inner.config.publish_timeout,
         )
-        .await
+        .await?;
+        if routed == Routed::Unrouted {
+            self.inner.unrouted.fetch_add(1, SeqCst);
+            tracing::debug!(
+                event = %attrs.event_type,
+                id = %attrs.id,
+                exchange = %self.inner.config.exchange,
+                "unrouted: no group subscribes to the event; accepted and stored nowhere"
+            );
+        }
+        Ok(())
     }
 
     async fn subscribe(

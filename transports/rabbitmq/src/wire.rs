@@ -1,5 +1,6 @@
 //! The wire binding: the CloudEvents AMQP binding, the attempt and
-//! dead-letter headers; and confirmed, mandatory publishes.
+//! dead-letter headers; and confirmed, mandatory publishes (which tell a
+//! routed message from an unrouted one).
 
 use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
@@ -143,9 +144,20 @@ pub(crate) fn envelope_of(properties: &BasicProperties, data: &[u8]) -> (Result<
     (parsed, attempt)
 }
 
-/// Publishes and waits for the broker's confirm. An unroutable message
-/// (returned, as `mandatory` asks) is an error. Connection and channel
-/// losses are retried until `publish_timeout`.
+/// Where a confirmed publish went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Routed {
+    /// Into at least one queue.
+    Queued,
+    /// Confirmed, but no queue is bound to the routing key: the broker
+    /// returned it (as `mandatory` asks) and stored it nowhere.
+    Unrouted,
+}
+
+/// Publishes and waits for the broker's confirm, for a message that must
+/// reach a queue (a retry copy, a dead letter, a redrive): an unroutable
+/// one (its queue is gone) is an error. Connection and channel losses are
+/// retried until `publish_timeout`.
 pub(crate) async fn publish_confirmed(
     connector: &Connector,
     exchange: &str,
@@ -154,6 +166,29 @@ pub(crate) async fn publish_confirmed(
     properties: BasicProperties,
     timeout: std::time::Duration,
 ) -> Result<()> {
+    match publish_routed(connector, exchange, routing_key, payload, properties, timeout).await? {
+        Routed::Queued => Ok(()),
+        Routed::Unrouted => Err(Error::new(
+            ErrorKind::Other,
+            format!(
+                "unroutable: no queue is bound to `{routing_key}` on exchange `{exchange}` (its queue was deleted?)"
+            ),
+        )),
+    }
+}
+
+/// Publishes and waits for the broker's confirm; says whether a queue took
+/// the message ([`Routed::Unrouted`] is not an error here: publishing an
+/// event that no group subscribes to is Ok). Connection and channel losses
+/// are retried until `publish_timeout`.
+pub(crate) async fn publish_routed(
+    connector: &Connector,
+    exchange: &str,
+    routing_key: &str,
+    payload: &[u8],
+    properties: BasicProperties,
+    timeout: std::time::Duration,
+) -> Result<Routed> {
     let deadline = Instant::now() + timeout;
     let mut pause = std::time::Duration::from_millis(50);
     loop {
@@ -172,15 +207,16 @@ pub(crate) async fn publish_confirmed(
                 )
                 .await
                 .map_err(|e| amqp_error("publish", e))?;
-            match confirm.await.map_err(|e| amqp_error("publisher confirm", e))? {
-                Confirmation::Ack(None) => Ok(()),
-                Confirmation::Ack(Some(returned)) => Err(Error::new(
-                    ErrorKind::Other,
-                    format!(
-                        "unroutable: no queue is bound to `{routing_key}` on exchange `{exchange}` (no group subscribes to it): {}",
-                        returned.reply_text
-                    ),
-                )),
+            match confirm
+                .await
+                .map_err(|e| amqp_error("publisher confirm", e))?
+            {
+                Confirmation::Ack(None) => Ok(Routed::Queued),
+                Confirmation::Ack(Some(returned)) => {
+                    let reply = &returned.reply_text;
+                    tracing::trace!(routing_key, exchange, %reply, "returned by the broker");
+                    Ok(Routed::Unrouted)
+                }
                 Confirmation::Nack(_) => Err(Error::new(
                     ErrorKind::Connection,
                     format!("the broker refused to store a message for `{routing_key}`"),
@@ -192,7 +228,7 @@ pub(crate) async fn publish_confirmed(
             }
         };
         let error = match tokio::time::timeout_at(deadline, attempt).await {
-            Ok(Ok(())) => return Ok(()),
+            Ok(Ok(routed)) => return Ok(routed),
             Ok(Err(e)) => e,
             Err(_) => {
                 return Err(Error::new(

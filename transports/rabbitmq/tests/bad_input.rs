@@ -92,30 +92,66 @@ fn a_foreign_message_is_dead_lettered_with_the_reason_and_the_flow_goes_on() {
 }
 
 #[test]
-fn an_unroutable_publish_is_an_error_not_a_silent_ok() {
+fn an_unroutable_publish_is_ok_and_counted_as_unrouted() {
     if !ready() {
         return;
     }
     block_on(async {
         let ns = seambus::conformance::namespace("unroutable");
+        let transport = common::transport(&ns).await;
         let bus = Bus::builder()
-            .transport("rabbitmq", common::transport(&ns).await)
+            .transport("rabbitmq", transport.clone())
             .build()
             .unwrap();
-        // Declare the exchange through one subscription to another event.
+        let orders = bus.module("orders");
+        // Before any group exists: only the exchange is declared.
+        orders
+            .publish(OrderCancelled { id: 1 })
+            .await
+            .expect("a publish no group receives is Ok");
+        assert_eq!(transport.unrouted(), 1);
+        // While a group subscribes to another event.
+        let placed = Tally::new();
         bus.module("billing")
-            .subscribe(seambus::conformance::record_into::<OrderPlaced>(
-                &Tally::new(),
+            .subscribe(seambus::conformance::record_into::<OrderPlaced>(&placed))
+            .await
+            .unwrap();
+        orders
+            .publish(OrderCancelled { id: 2 })
+            .await
+            .expect("a publish no group receives is Ok");
+        assert_eq!(transport.unrouted(), 2);
+        // A routed publish is not counted, and arrives.
+        let routed = orders
+            .publish(OrderPlaced {
+                id: 3,
+                note: "routed".into(),
+            })
+            .await
+            .unwrap();
+        placed
+            .wait_for_all("the routed event", &HashSet::from([routed]))
+            .await;
+        assert_eq!(transport.unrouted(), 2);
+        // The unrouted events were stored nowhere: a group that subscribes
+        // now starts after them.
+        let cancelled = Tally::new();
+        bus.module("billing")
+            .subscribe(seambus::conformance::record_into::<OrderCancelled>(
+                &cancelled,
             ))
             .await
             .unwrap();
-        let err = bus
-            .module("orders")
-            .publish(OrderCancelled { id: 1 })
-            .await
-            .unwrap_err();
-        assert!(err.to_string().contains("unroutable"), "{err}");
-        assert!(!err.is_retryable());
+        let later = orders.publish(OrderCancelled { id: 4 }).await.unwrap();
+        cancelled
+            .wait_for_all(
+                "the event published after the group",
+                &HashSet::from([later]),
+            )
+            .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        cancelled.assert_exactly("the new group", &HashSet::from([later]), false);
+        assert_eq!(transport.unrouted(), 2);
         bus.shutdown(Duration::from_secs(5)).await.unwrap();
         common::cleanup(&ns).await;
     });

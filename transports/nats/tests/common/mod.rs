@@ -68,8 +68,20 @@ impl Harness for Nats {
     }
 
     fn restart_broker(&self) -> Option<BoxFuture<'static, ()>> {
-        (self.restart && url() == LOCAL_URL && std::path::Path::new(NATS_SERVER).exists())
-            .then(|| Box::pin(restart_local_server()) as BoxFuture<'static, ()>)
+        (self.restart && url() == LOCAL_URL && std::path::Path::new(NATS_SERVER).exists()).then(
+            || {
+                Box::pin(async {
+                    // Whatever happens (a failed case drops this half-way),
+                    // the server is left running.
+                    let _restore = RestoreServer;
+                    restart_local_server().await
+                }) as BoxFuture<'static, ()>
+            },
+        )
+    }
+
+    fn restart_events(&self) -> u64 {
+        10_000
     }
 }
 

@@ -83,8 +83,18 @@ impl Harness for Rabbit {
     }
 
     fn restart_broker(&self) -> Option<BoxFuture<'static, ()>> {
-        (self.restart && url() == LOCAL_URL)
-            .then(|| Box::pin(restart_local_broker()) as BoxFuture<'static, ()>)
+        (self.restart && url() == LOCAL_URL).then(|| {
+            Box::pin(async {
+                // Whatever happens (a failed case drops this half-way), the
+                // broker is left running.
+                let _restore = RestoreBroker;
+                restart_local_broker().await
+            }) as BoxFuture<'static, ()>
+        })
+    }
+
+    fn restart_events(&self) -> u64 {
+        10_000
     }
 }
 
