@@ -853,7 +853,6 @@ impl Transport for InProcessTransport {
         caps.consumer_groups = true;
         caps.per_key_order = true;
         caps.per_key_order_across_consumers = true;
-        caps.native_delayed_retry = true;
         caps.inline_dispatch = true;
         caps.shares_values = true;
         caps.dead_letter_store = true;

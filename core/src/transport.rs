@@ -127,11 +127,10 @@ pub struct Capabilities {
     /// Per-key order also holds between consumers of one group in
     /// different processes.
     pub per_key_order_across_consumers: bool,
-    /// Retries are delayed by the transport without blocking the queue.
-    pub native_delayed_retry: bool,
     /// Largest payload the transport carries, if bounded.
     pub max_payload: Option<usize>,
-    /// Events can be replayed from the start.
+    /// A new group receives the events the transport still keeps from
+    /// before it existed (replay), instead of starting after them.
     pub replay: bool,
     /// Inline dispatch (publisher runs the handler).
     pub inline_dispatch: bool,
@@ -151,7 +150,6 @@ impl Capabilities {
             consumer_groups: false,
             per_key_order: false,
             per_key_order_across_consumers: false,
-            native_delayed_retry: false,
             max_payload: None,
             replay: false,
             inline_dispatch: false,

@@ -31,6 +31,9 @@ use crate::error::kafka_error;
 use crate::publisher::{send, Topics};
 use crate::wire::{envelope_of, header_pairs, headers_of, ATTEMPT, DL_PREFIX, REDRIVE_GROUP};
 
+/// Room kept for headers below `message.max.bytes`.
+const HEADER_ROOM: usize = 8 * 1024;
+
 /// Header of a marker record in a dead-letter topic: the dead letter with
 /// this id was redriven.
 const REDRIVEN: &str = "seambus-redriven-id";
@@ -250,7 +253,17 @@ impl Transport for KafkaTransport {
         caps.consumer_groups = true;
         caps.per_key_order = true;
         caps.per_key_order_across_consumers = true;
-        caps.max_payload = Some(self.inner.config.message_max_bytes);
+        // Room for the headers below `message.max.bytes`, so a payload the
+        // bus lets through is never refused here for its headers.
+        caps.max_payload = Some(
+            self.inner
+                .config
+                .message_max_bytes
+                .saturating_sub(HEADER_ROOM),
+        );
+        // A new group starts at `auto_offset_reset`: `earliest` replays the
+        // topic.
+        caps.replay = self.inner.config.auto_offset_reset == "earliest";
         caps.dead_letter_store = true;
         caps.duplicates = true;
         caps
@@ -265,6 +278,20 @@ impl Transport for KafkaTransport {
             ));
         }
         let payload = outgoing(&envelope, "Kafka")?;
+        let room = self
+            .inner
+            .config
+            .message_max_bytes
+            .saturating_sub(HEADER_ROOM);
+        if payload.len() > room {
+            return Err(Error::new(
+                ErrorKind::PayloadTooLarge,
+                format!(
+                    "a payload of {} bytes is over the {room} that message.max.bytes leaves after the room for headers",
+                    payload.len()
+                ),
+            ));
+        }
         let attrs = envelope.attributes();
         let headers = headers_of(attrs);
         let header_bytes: usize = header_pairs(Some(&headers))

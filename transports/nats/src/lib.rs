@@ -218,7 +218,6 @@ impl Transport for NatsTransport {
         caps.persistent = self.inner.config.stream.storage == Storage::File;
         caps.consumer_groups = true;
         caps.per_key_order = true;
-        caps.native_delayed_retry = true;
         caps.max_payload = Some(self.inner.max_payload);
         caps.dead_letter_store = true;
         caps.duplicates = true;

@@ -41,7 +41,9 @@ pub(crate) async fn subscribe(
                 durable_name: Some(name.clone()),
                 filter_subject: event_subject(&config.subject_prefix, &spec.event_type),
                 ack_policy: AckPolicy::Explicit,
-                deliver_policy: DeliverPolicy::All,
+                // A group receives what is published after it first exists
+                // (an existing consumer keeps its position).
+                deliver_policy: DeliverPolicy::New,
                 ack_wait: config.ack_wait,
                 max_deliver: config.max_deliver,
                 max_ack_pending: config.max_in_flight as i64,

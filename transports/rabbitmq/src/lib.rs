@@ -248,7 +248,6 @@ impl Transport for RabbitMqTransport {
         caps.persistent = true;
         caps.consumer_groups = true;
         caps.per_key_order = true;
-        caps.native_delayed_retry = true;
         caps.max_payload = Some(self.inner.config.max_message_size);
         caps.dead_letter_store = true;
         caps.duplicates = true;

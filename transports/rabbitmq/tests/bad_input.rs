@@ -79,6 +79,11 @@ fn a_foreign_message_is_dead_lettered_with_the_reason_and_the_flow_goes_on() {
             sub.dead_letters().await.unwrap().len() == 1
         })
         .await;
+        // Dead-lettered before any handler ran, and still counted.
+        poll_until("the dead letters in the subscription's stats", || async {
+            sub.stats().dead_lettered == 1
+        })
+        .await;
         let dl = &sub.dead_letters().await.unwrap()[0];
         assert_eq!(dl.reason, DeadLetterReason::Undecodable);
         assert_eq!(dl.attempts, 1);
