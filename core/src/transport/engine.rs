@@ -43,9 +43,9 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::support::call_guarded;
+use super::support::{call_guarded, Subscriptions, TaskConsumer};
 use super::{
-    DeadLetterReason, Delivery, DeliveryHandler, GroupId, Ordering, Outcome, Settlement,
+    Consumer, DeadLetterReason, Delivery, DeliveryHandler, GroupId, Ordering, Outcome, Settlement,
     SubscriptionSpec, Unfinished,
 };
 use crate::envelope::Envelope;
@@ -206,6 +206,46 @@ impl Limits {
         self.delivery_limit = limit;
         self
     }
+}
+
+/// What a subscription needs from the transport that hosts it.
+#[derive(Clone, Copy, Debug)]
+pub struct Host<'a> {
+    /// The transport's running subscriptions: shutdown waits for them and
+    /// collects what they leave unfinished.
+    pub subscriptions: &'a Arc<Subscriptions>,
+    /// Fired when the transport's shutdown begins.
+    pub closing: &'a CancellationToken,
+    /// Fired when the shutdown deadline passes.
+    pub stop: &'a CancellationToken,
+}
+
+/// Runs one subscription ([`run`]) on its own task, counted in the host's
+/// subscriptions; the returned consumer closes it.
+pub fn spawn<S, K>(
+    host: Host<'_>,
+    spec: SubscriptionSpec,
+    handler: Arc<dyn DeliveryHandler>,
+    source: S,
+    sink: Arc<K>,
+    limits: Limits,
+) -> Box<dyn Consumer>
+where
+    S: Source,
+    K: Sink<Token = S::Token>,
+{
+    let detach = CancellationToken::new();
+    let signals = Signals {
+        detach: detach.clone(),
+        closing: host.closing.clone(),
+        stop: host.stop.clone(),
+    };
+    let running = host.subscriptions.start();
+    let task = tokio::spawn(async move {
+        let unfinished = run(spec, handler, source, sink, limits, signals).await;
+        running.finish(unfinished);
+    });
+    Box::new(TaskConsumer::new(detach, task))
 }
 
 /// Delay before storing a dead letter again after the broker refused it.

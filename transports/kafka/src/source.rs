@@ -13,13 +13,10 @@ use rdkafka::consumer::{
 };
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::ClientContext;
-use seambus::transport::engine::{self, Fetch, Fetched, Limits, Signals, Verdict};
-use seambus::transport::{
-    support::TaskConsumer, Consumer, DeliveryHandler, GroupId, SubscriptionSpec,
-};
+use seambus::transport::engine::{self, Fetch, Fetched, Host, Limits, Verdict};
+use seambus::transport::{Consumer, DeliveryHandler, GroupId, SubscriptionSpec};
 use seambus::{Envelope, Result};
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 
 use crate::error::kafka_error;
 use crate::publisher::send;
@@ -218,12 +215,6 @@ pub(crate) async fn subscribe(
         topic,
         group: spec.group.clone(),
     });
-    let detach = CancellationToken::new();
-    let signals = Signals {
-        detach: detach.clone(),
-        closing: inner.closing.clone(),
-        stop: inner.stop.clone(),
-    };
     let sink = Arc::new(KafkaSink {
         inner: inner.clone(),
         group: group.clone(),
@@ -231,12 +222,12 @@ pub(crate) async fn subscribe(
     });
     let source = KafkaSource { group, group_id };
     let limits = Limits::new(config.max_in_flight);
-    let running = inner.subscriptions.start();
-    let task = tokio::spawn(async move {
-        let unfinished = engine::run(spec, handler, source, sink, limits, signals).await;
-        running.finish(unfinished);
-    });
-    Ok(Box::new(TaskConsumer::new(detach, task)))
+    let host = Host {
+        subscriptions: &inner.subscriptions,
+        closing: &inner.closing,
+        stop: &inner.stop,
+    };
+    Ok(engine::spawn(host, spec, handler, source, sink, limits))
 }
 
 /// A record this process holds, with the assignment epoch it came in.

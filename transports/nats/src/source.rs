@@ -9,10 +9,9 @@ use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::{self, AckKind};
 use async_trait::async_trait;
 use futures_util::StreamExt;
-use seambus::transport::engine::{self, Fetch, Fetched, Limits, Signals, Verdict};
-use seambus::transport::{support::TaskConsumer, Consumer, DeliveryHandler, SubscriptionSpec};
+use seambus::transport::engine::{self, Fetch, Fetched, Host, Limits, Verdict};
+use seambus::transport::{Consumer, DeliveryHandler, SubscriptionSpec};
 use seambus::{Envelope, Error, ErrorKind, Result};
-use tokio_util::sync::CancellationToken;
 
 use crate::error::api_error;
 use crate::publisher::publish_confirmed;
@@ -52,12 +51,6 @@ pub(crate) async fn subscribe(
         )
         .await
         .map_err(|e| api_error(&format!("create consumer {name}"), e))?;
-    let detach = CancellationToken::new();
-    let signals = Signals {
-        detach: detach.clone(),
-        closing: inner.closing.clone(),
-        stop: inner.stop.clone(),
-    };
     let sink = Arc::new(NatsSink {
         inner: inner.clone(),
         dead_letter_subject: dead_letter_subject(&config.subject_prefix, &spec.group),
@@ -72,12 +65,12 @@ pub(crate) async fn subscribe(
     };
     let limits =
         Limits::new(config.max_in_flight).with_delivery_limit(Some(config.delivery_limit.max(1)));
-    let running = inner.subscriptions.start();
-    let task = tokio::spawn(async move {
-        let unfinished = engine::run(spec, handler, source, sink, limits, signals).await;
-        running.finish(unfinished);
-    });
-    Ok(Box::new(TaskConsumer::new(detach, task)))
+    let host = Host {
+        subscriptions: &inner.subscriptions,
+        closing: &inner.closing,
+        stop: &inner.stop,
+    };
+    Ok(engine::spawn(host, spec, handler, source, sink, limits))
 }
 
 /// A message this process holds, with its stream sequence.

@@ -13,10 +13,9 @@ use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
 };
 use lapin::types::FieldTable;
-use seambus::transport::engine::{self, Fetch, Fetched, Limits, Signals, Verdict};
-use seambus::transport::{support::TaskConsumer, Consumer, DeliveryHandler, SubscriptionSpec};
+use seambus::transport::engine::{self, Fetch, Fetched, Host, Limits, Verdict};
+use seambus::transport::{Consumer, DeliveryHandler, SubscriptionSpec};
 use seambus::{Envelope, Error, ErrorKind, Result};
-use tokio_util::sync::CancellationToken;
 
 use crate::connection::{dead_letter_exchange, declare_group, GroupQueues};
 use crate::error::amqp_error;
@@ -50,12 +49,6 @@ pub(crate) async fn subscribe(
     .await?;
     let _ = channel.close(200, "declared".into()).await;
 
-    let detach = CancellationToken::new();
-    let signals = Signals {
-        detach: detach.clone(),
-        closing: inner.closing.clone(),
-        stop: inner.stop.clone(),
-    };
     let generation = Arc::new(AtomicU64::new(0));
     let sink = Arc::new(RabbitSink {
         inner: inner.clone(),
@@ -74,12 +67,12 @@ pub(crate) async fn subscribe(
     };
     // The broker caps redeliveries itself (`x-delivery-limit`, to the DLQ).
     let limits = Limits::new(usize::from(inner.config.prefetch.max(1)));
-    let running = inner.subscriptions.start();
-    let task = tokio::spawn(async move {
-        let unfinished = engine::run(spec, handler, source, sink, limits, signals).await;
-        running.finish(unfinished);
-    });
-    Ok(Box::new(TaskConsumer::new(detach, task)))
+    let host = Host {
+        subscriptions: &inner.subscriptions,
+        closing: &inner.closing,
+        stop: &inner.stop,
+    };
+    Ok(engine::spawn(host, spec, handler, source, sink, limits))
 }
 
 /// A delivery this process holds, with the channel generation it came on.
