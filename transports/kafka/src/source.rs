@@ -4,7 +4,7 @@
 //! of settled records; a revoked partition's records leave the engine.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
@@ -33,8 +33,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub(crate) struct Assignment {
     epochs: Mutex<HashMap<i32, u64>>,
     next_epoch: AtomicU64,
-    /// Fetching is paused: partitions assigned meanwhile start paused.
-    paused: AtomicBool,
     /// Partitions were revoked.
     revoked: Notify,
 }
@@ -71,7 +69,7 @@ impl ConsumerContext for GroupContext {
         }
     }
 
-    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(list) = rebalance {
             {
                 let mut epochs = lock(&self.assignment.epochs);
@@ -79,17 +77,6 @@ impl ConsumerContext for GroupContext {
                     let epoch = self.assignment.next_epoch.fetch_add(1, SeqCst);
                     epochs.insert(element.partition(), epoch);
                 }
-            }
-            // librdkafka keeps a partition's pause across a revoke and a new
-            // assignment: set it to what the engine wants now.
-            let paused = self.assignment.paused.load(SeqCst);
-            let set = if paused {
-                consumer.pause(list)
-            } else {
-                consumer.resume(list)
-            };
-            if let Err(e) = set {
-                tracing::warn!(paused, error = %e, "cannot pause or resume newly assigned partitions");
             }
         }
     }
@@ -155,25 +142,6 @@ impl Group {
                     tracing::debug!(group = %self.group, partition, error = %e, "offset not stored (partition revoked?)")
                 }
             }
-        }
-    }
-
-    fn set_paused(&self, paused: bool) {
-        self.assignment.paused.store(paused, SeqCst);
-        let assigned = match self.consumer.assignment() {
-            Ok(list) => list,
-            Err(e) => {
-                tracing::warn!(group = %self.group, error = %e, "cannot read the assignment");
-                return;
-            }
-        };
-        let changed = if paused {
-            self.consumer.pause(&assigned)
-        } else {
-            self.consumer.resume(&assigned)
-        };
-        if let Err(e) = changed {
-            tracing::warn!(group = %self.group, paused, error = %e, "cannot pause or resume fetching");
         }
     }
 }
@@ -247,7 +215,7 @@ impl engine::Source for KafkaSource {
     type Token = Held;
 
     /// Polling keeps the member in its group and runs rebalances, so the
-    /// consumer is polled while paused too (paused partitions give nothing).
+    /// consumer is polled even when the engine holds all it may.
     const POLL_WHILE_PAUSED: bool = true;
 
     async fn fetch(&mut self) -> Result<Fetch<Held>> {
@@ -283,9 +251,12 @@ impl engine::Source for KafkaSource {
         }
     }
 
-    fn pause(&mut self, paused: bool) {
-        self.group.set_paused(paused);
-    }
+    /// Nothing: librdkafka's partition pause did not survive a broker
+    /// restart here (consumption stalled for good after the broker came
+    /// back), so a full engine keeps polling and records keep coming,
+    /// bounded by librdkafka's own fetch queue (`queued.max.messages.kbytes`)
+    /// rather than by `max_in_flight`.
+    fn pause(&mut self, _paused: bool) {}
 
     async fn close(&mut self) {
         // The last offsets, committed off the runtime's threads.
