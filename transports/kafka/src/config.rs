@@ -88,7 +88,12 @@ pub struct KafkaConfig {
     /// Largest record, payload and headers (`message.max.bytes`); bigger
     /// ones are refused before sending. Default 1,000,000.
     pub message_max_bytes: usize,
-    /// Where a new group starts (`auto.offset.reset`). Default `earliest`.
+    /// Where a new group starts. `latest` (the default): after the events
+    /// the topic holds when the group first subscribes (pinned by
+    /// committing the end offsets then, so nothing published afterwards is
+    /// missed), as on every other transport. `earliest`: it replays what
+    /// the topic keeps. Where a committed offset is gone (retention), the
+    /// group resumes at the oldest record kept either way.
     pub auto_offset_reset: String,
     /// `enable.idempotence` on the producer (retried sends are written
     /// once). Default true; turn it off only for a broker that mishandles
@@ -113,7 +118,7 @@ impl Default for KafkaConfig {
             max_in_flight: 256,
             publish_timeout: Duration::from_secs(30),
             message_max_bytes: 1_000_000,
-            auto_offset_reset: "earliest".into(),
+            auto_offset_reset: "latest".into(),
             idempotence: true,
             security: Security::default(),
             librdkafka: BTreeMap::new(),
@@ -222,6 +227,11 @@ impl KafkaConfig {
         self
     }
 
+    /// Whether a new group replays the topic.
+    pub(crate) fn replays(&self) -> bool {
+        self.auto_offset_reset == "earliest"
+    }
+
     pub(crate) fn validate(&self) -> seambus::Result<()> {
         let name_ok = |s: &str| {
             !s.is_empty()
@@ -244,6 +254,11 @@ impl KafkaConfig {
         }
         if self.max_in_flight == 0 {
             return Err(config_error("max_in_flight must be at least 1"));
+        }
+        if !matches!(self.auto_offset_reset.as_str(), "latest" | "earliest") {
+            return Err(config_error(
+                "auto_offset_reset must be \"latest\" or \"earliest\"",
+            ));
         }
         Ok(())
     }
@@ -356,6 +371,10 @@ mod tests {
             KafkaConfig::default().with_topic_prefix("a b"),
             KafkaConfig::default().with_topic_prefix(""),
             KafkaConfig::default().with_partitions(0),
+            KafkaConfig {
+                auto_offset_reset: "smallest".into(),
+                ..KafkaConfig::default()
+            },
         ] {
             assert_eq!(
                 config.validate().unwrap_err().kind(),
@@ -374,5 +393,6 @@ mod tests {
         assert_eq!(config.publish_timeout, Duration::from_secs(5));
         assert_eq!(config.librdkafka["linger.ms"], "10");
         assert_eq!(config.topic_prefix, "seambus");
+        assert!(!config.replays(), "a new group starts at the end by default");
     }
 }

@@ -261,9 +261,7 @@ impl Transport for KafkaTransport {
                 .message_max_bytes
                 .saturating_sub(HEADER_ROOM),
         );
-        // A new group starts at `auto_offset_reset`: `earliest` replays the
-        // topic.
-        caps.replay = self.inner.config.auto_offset_reset == "earliest";
+        caps.replay = self.inner.config.replays();
         caps.dead_letter_store = true;
         caps.duplicates = true;
         caps

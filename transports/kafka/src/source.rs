@@ -6,13 +6,16 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance, StreamConsumer,
 };
+use rdkafka::error::KafkaResult;
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::ClientContext;
+use rdkafka::{Offset, TopicPartitionList};
 use seambus::transport::engine::{self, Fetch, Fetched, Host, Limits, Verdict};
 use seambus::transport::{Consumer, DeliveryHandler, GroupId, SubscriptionSpec};
 use seambus::{Envelope, Result};
@@ -164,15 +167,34 @@ pub(crate) async fn subscribe(
         .set("enable.auto.commit", "true")
         .set("auto.commit.interval.ms", "1000")
         .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", &config.auto_offset_reset)
+        // Without a committed offset (a new partition, or one retention
+        // emptied) the group starts at the oldest record; new groups are
+        // pinned at the end below unless they replay.
+        .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "false")
         .set("session.timeout.ms", "10000");
-    let consumer: StreamConsumer<GroupContext> = config
-        .finish(client)
+    let client = config.finish(client);
+    let consumer: StreamConsumer<GroupContext> = client
         .create_with_context(GroupContext {
             assignment: assignment.clone(),
         })
         .map_err(|e| kafka_error("create consumer", e))?;
+    if !config.replays() {
+        // A short-lived client of the group, never a member, so the
+        // group's own consumer joins untouched.
+        let pinner: BaseConsumer = client
+            .create()
+            .map_err(|e| kafka_error("create consumer", e))?;
+        let name = topic.clone();
+        tokio::task::spawn_blocking(move || pin_new_group(&pinner, &name))
+            .await
+            .map_err(|e| {
+                seambus::Error::new(seambus::ErrorKind::Other, format!("pin a new group: {e}"))
+            })?
+            .map_err(|e| {
+                kafka_error(&format!("start group {group_id} at the end of {topic}"), e)
+            })?;
+    }
     consumer
         .subscribe(&[&topic])
         .map_err(|e| kafka_error(&format!("subscribe to {topic}"), e))?;
@@ -196,6 +218,39 @@ pub(crate) async fn subscribe(
         stop: &inner.stop,
     };
     Ok(engine::spawn(host, spec, handler, source, sink, limits))
+}
+
+/// How long the blocking calls that pin a new group may take.
+const PIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Makes a group that has no committed offset on a partition start after
+/// what the partition holds now: the end offsets are committed for it
+/// before it joins, so every event published after this returns reaches
+/// the group (also when another member gets the partition first). A group
+/// with committed offsets is left as it is. A commit the broker refuses
+/// because the group is running already is harmless: its members commit.
+fn pin_new_group(consumer: &BaseConsumer, topic: &str) -> KafkaResult<()> {
+    let metadata = consumer.fetch_metadata(Some(topic), PIN_TIMEOUT)?;
+    let mut all = TopicPartitionList::new();
+    for t in metadata.topics().iter().filter(|t| t.name() == topic) {
+        for p in t.partitions() {
+            all.add_partition(topic, p.id());
+        }
+    }
+    let committed = consumer.committed_offsets(all, PIN_TIMEOUT)?;
+    let mut pin = TopicPartitionList::new();
+    for element in committed.elements() {
+        if element.offset() == Offset::Invalid {
+            let (_, end) = consumer.fetch_watermarks(topic, element.partition(), PIN_TIMEOUT)?;
+            pin.add_partition_offset(topic, element.partition(), Offset::Offset(end))?;
+        }
+    }
+    if pin.count() > 0 {
+        if let Err(e) = consumer.commit(&pin, CommitMode::Sync) {
+            tracing::debug!(topic, error = %e, "pinning a new group: commit refused");
+        }
+    }
+    Ok(())
 }
 
 /// A record this process holds, with the assignment epoch it came in.
