@@ -161,6 +161,10 @@ pub enum DeadLetterReason {
     UnknownEvent,
     /// The event version is newer than the subscriber knows.
     UnknownVersion,
+    /// Dead-lettered for another reason (named in the error text), but too
+    /// large for the dead-letter destination: kept with its attributes and
+    /// the reference to where it was published, without its payload.
+    TooLarge,
 }
 
 impl DeadLetterReason {
@@ -172,6 +176,7 @@ impl DeadLetterReason {
             Self::Undecodable => "undecodable",
             Self::UnknownEvent => "unknown_event",
             Self::UnknownVersion => "unknown_version",
+            Self::TooLarge => "too_large",
         }
     }
 
@@ -183,6 +188,7 @@ impl DeadLetterReason {
             "undecodable" => Self::Undecodable,
             "unknown_event" => Self::UnknownEvent,
             "unknown_version" => Self::UnknownVersion,
+            "too_large" => Self::TooLarge,
             _ => return None,
         })
     }

@@ -226,7 +226,7 @@ impl Attributes {
         match (id, ty, version) {
             (true, true, true) => Ok(attrs),
             _ => Err(bad(format!(
-                "not a Seambus envelope: missing {prefix}id, {prefix}type or {prefix}dataversion"
+                "missing {prefix}id, {prefix}type or {prefix}dataversion"
             ))),
         }
     }

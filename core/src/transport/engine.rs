@@ -49,7 +49,7 @@ use super::{
     SubscriptionSpec, Unfinished,
 };
 use crate::envelope::Envelope;
-use crate::error::Result;
+use crate::error::{ErrorKind, Result};
 
 /// One message a [`Source`] fetched.
 #[derive(Debug)]
@@ -169,6 +169,26 @@ pub struct Verdict {
     pub error: String,
     /// The attempts made.
     pub attempts: u32,
+    /// Store the dead letter without the payload (and without headers
+    /// other than the event's attributes): the whole copy was too large
+    /// for the destination. The reason is then
+    /// [`DeadLetterReason::TooLarge`] and the error names the first reason.
+    pub without_payload: bool,
+}
+
+impl Verdict {
+    /// The same dead letter, to be stored without its payload.
+    fn too_large(&self) -> Self {
+        Self {
+            reason: DeadLetterReason::TooLarge,
+            error: super::support::header_text(&format!(
+                "{}: {}; too large to dead-letter whole, kept without its payload",
+                self.reason, self.error
+            )),
+            attempts: self.attempts,
+            without_payload: true,
+        }
+    }
 }
 
 /// The signals a subscription obeys.
@@ -248,8 +268,10 @@ where
     Box::new(TaskConsumer::new(detach, task))
 }
 
-/// Delay before storing a dead letter again after the broker refused it.
-const DEAD_LETTER_AGAIN: Duration = Duration::from_secs(1);
+/// Delay before storing a dead letter again after the broker refused it,
+/// doubling with every refusal up to the maximum.
+const DEAD_LETTER_AGAIN: Duration = Duration::from_millis(500);
+const DEAD_LETTER_AGAIN_MAX: Duration = Duration::from_secs(60);
 /// Pause after a fetch error.
 const FETCH_PAUSE: Duration = Duration::from_millis(100);
 
@@ -263,6 +285,8 @@ struct Item<T> {
     key: Option<u64>,
     /// A dead letter decided before, that could not be stored yet.
     verdict: Option<Verdict>,
+    /// How often storing it failed.
+    dead_letter_failures: u32,
 }
 
 /// What a handler task reports.
@@ -445,6 +469,7 @@ impl<T: Send + Sync + 'static> State<T> {
             delivered: fetched.delivered,
             key,
             verdict: None,
+            dead_letter_failures: 0,
         };
         self.held.insert(item.seq, item.token.clone());
         match item.key {
@@ -613,25 +638,36 @@ async fn handle<K: Sink>(shared: Arc<Shared<K>>, mut item: Item<K::Token>) -> Do
             }
         }
     };
-    let verdict = Verdict {
+    let mut verdict = Verdict {
         error: super::support::header_text(&verdict.error),
         ..verdict
     };
-    match sink
-        .dead_letter(&item.token, item.envelope.as_ref().ok(), &verdict)
-        .await
-    {
-        Ok(()) => {
-            log_dead_letter(&shared.spec.group, &item, &verdict);
-            shared
-                .handler
-                .settled(&shared.spec.group, Settlement::DeadLettered(verdict.reason));
-            Done::Settled(item)
-        }
-        Err(e) => {
-            tracing::error!(group = %shared.spec.group, id = ?item.envelope.as_ref().ok().map(Envelope::id), error = %e, "cannot store a dead letter; keeping the event and trying again");
-            item.verdict = Some(verdict);
-            Done::Again(item, DEAD_LETTER_AGAIN)
+    loop {
+        let stored = sink
+            .dead_letter(&item.token, item.envelope.as_ref().ok(), &verdict)
+            .await;
+        match stored {
+            Ok(()) => {
+                log_dead_letter(&shared.spec.group, &item, &verdict);
+                shared
+                    .handler
+                    .settled(&shared.spec.group, Settlement::DeadLettered(verdict.reason));
+                return Done::Settled(item);
+            }
+            Err(e) if e.kind() == ErrorKind::PayloadTooLarge && !verdict.without_payload => {
+                verdict = verdict.too_large();
+            }
+            Err(e) => {
+                // Kept, and stored again later: never dropped, never
+                // acknowledged before it is stored.
+                item.dead_letter_failures += 1;
+                let again = DEAD_LETTER_AGAIN
+                    .saturating_mul(1 << item.dead_letter_failures.min(6))
+                    .min(DEAD_LETTER_AGAIN_MAX);
+                tracing::error!(group = %shared.spec.group, id = ?item.envelope.as_ref().ok().map(Envelope::id), error = %e, retry_in = ?again, "cannot store a dead letter; keeping the event and trying again");
+                item.verdict = Some(verdict);
+                return Done::Again(item, again);
+            }
         }
     }
 }
@@ -659,11 +695,13 @@ pub(crate) fn decide(outcome: Outcome, attempt: u32, retry: &super::RetryPolicy)
             reason: DeadLetterReason::MaxAttempts,
             error,
             attempts: attempt,
+            without_payload: false,
         }),
         Outcome::DeadLetter { reason, error } => Decision::DeadLetter(Verdict {
             reason,
             error,
             attempts: attempt,
+            without_payload: false,
         }),
     }
 }

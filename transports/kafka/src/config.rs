@@ -393,6 +393,9 @@ mod tests {
         assert_eq!(config.publish_timeout, Duration::from_secs(5));
         assert_eq!(config.librdkafka["linger.ms"], "10");
         assert_eq!(config.topic_prefix, "seambus");
-        assert!(!config.replays(), "a new group starts at the end by default");
+        assert!(
+            !config.replays(),
+            "a new group starts at the end by default"
+        );
     }
 }

@@ -377,7 +377,10 @@ impl engine::Sink for KafkaSink {
             &self.inner.producer,
             &self.dead_topic,
             record.key(),
-            record.payload().unwrap_or_default(),
+            match verdict.without_payload {
+                false => record.payload().unwrap_or_default(),
+                true => &[],
+            },
             headers,
             self.inner.config.publish_timeout,
         )

@@ -96,7 +96,11 @@ pub(crate) fn dead_letter_headers(
     id: uuid::Uuid,
 ) -> OwnedHeaders {
     let mut headers = OwnedHeaders::new_with_capacity(pairs.len() + 9);
-    for (k, v) in pairs {
+    // Without its payload, only the event's attributes stay.
+    let kept = pairs
+        .iter()
+        .filter(|(k, _)| !verdict.without_payload || k.starts_with("ce_") || k == "content-type");
+    for (k, v) in kept {
         headers = headers.insert(Header {
             key: k,
             value: Some(v.as_bytes()),

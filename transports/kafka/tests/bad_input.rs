@@ -78,7 +78,12 @@ fn a_foreign_record_is_dead_lettered_with_the_reason_and_consumption_goes_on() {
         let dl = &sub.dead_letters().await.unwrap()[0];
         assert_eq!(dl.reason, DeadLetterReason::Undecodable);
         assert_eq!(dl.attempts, 1);
-        assert!(dl.error.contains("not a Seambus envelope"), "{}", dl.error);
+        assert_eq!(
+            dl.error.matches("not a Seambus envelope").count(),
+            1,
+            "said once: {}",
+            dl.error
+        );
         bus.shutdown(Duration::from_secs(10)).await.unwrap();
         common::Kafka { restart: false }.cleanup(&ns).await;
     });
@@ -133,5 +138,93 @@ fn an_unreachable_cluster_is_a_retryable_connection_error() {
         .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Connection, "{err}");
         assert!(err.is_retryable());
+    });
+}
+
+/// A foreign record under `message.max.bytes` whose dead-letter copy (the
+/// record plus the dead-letter headers) is over it: dead-lettered once as
+/// `too_large`, without its payload, and its offset moves on.
+#[test]
+fn a_record_too_large_to_dead_letter_whole_is_dead_lettered_as_too_large() {
+    if !ready() {
+        return;
+    }
+    let _serial = common::one_at_a_time();
+    block_on(async {
+        let ns = seambus::conformance::namespace("toolarge");
+        let max = 64 * 1024;
+        let transport = KafkaTransport::connect(common::config(&ns).with_message_max_bytes(max))
+            .await
+            .unwrap();
+        let producer = transport.producer().clone();
+        let bus = Bus::builder()
+            .transport("kafka", transport)
+            .build()
+            .unwrap();
+        let tally = Tally::new();
+        let sub = bus
+            .module("billing")
+            .subscribe(seambus::conformance::record_into::<OrderPlaced>(&tally))
+            .await
+            .unwrap();
+        let topic = format!("t-{ns}.orders.order_placed");
+        let id = uuid::Uuid::now_v7().to_string();
+        let pairs = [
+            ("ce_specversion", "1.0"),
+            ("ce_id", id.as_str()),
+            ("ce_source", "a-foreign-producer"),
+            ("ce_type", "orders.order_placed"),
+            ("ce_dataversion", "1"),
+            ("content-type", "application/json"),
+        ];
+        let mut headers = rdkafka::message::OwnedHeaders::new();
+        for (key, value) in pairs {
+            headers = headers.insert(rdkafka::message::Header {
+                key,
+                value: Some(value),
+            });
+        }
+        let header_bytes: usize = pairs.iter().map(|(k, v)| k.len() + v.len() + 4).sum();
+        // Not JSON: dead-lettered as undecodable, with a copy over the limit.
+        let body = "x".repeat(max - header_bytes - 250);
+        producer
+            .send(
+                FutureRecord::<str, str>::to(&topic)
+                    .key("k")
+                    .payload(&body)
+                    .headers(headers),
+                Duration::from_secs(30),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .expect("the broker takes the record");
+        let good = bus
+            .module("orders")
+            .publish_with(
+                OrderPlaced {
+                    id: 1,
+                    note: "fine".into(),
+                },
+                seambus::PublishOptions::new().key("k"),
+            )
+            .await
+            .unwrap();
+        tally
+            .wait_for_all("the event after it", &HashSet::from([good]))
+            .await;
+        poll_until("the too-large dead letter", || async {
+            !sub.dead_letters().await.unwrap().is_empty()
+        })
+        .await;
+        let dead = sub.dead_letters().await.unwrap();
+        assert_eq!(dead.len(), 1, "{dead:?}");
+        let dl = &dead[0];
+        assert_eq!(dl.reason, DeadLetterReason::TooLarge);
+        assert_eq!(dl.envelope.id().to_string(), id);
+        assert!(dl.error.contains("undecodable"), "{}", dl.error);
+        assert_eq!(dl.envelope.payload_bytes().map(|p| p.len()), Some(0));
+        assert_eq!(sub.stats().dead_lettered, 1);
+        bus.shutdown(Duration::from_secs(10)).await.unwrap();
+        common::Kafka { restart: false }.cleanup(&ns).await;
     });
 }

@@ -187,9 +187,15 @@ impl engine::Sink for NatsSink {
         verdict: &Verdict,
     ) -> Result<()> {
         let msg_id = format!("dl:{}:{}", self.name, held.stream_seq);
+        // Without its payload, only the dead-letter headers and the
+        // event's attributes are kept.
+        let (original, payload) = match verdict.without_payload {
+            false => (held.message.headers.as_ref(), held.message.payload.clone()),
+            true => (None, bytes::Bytes::new()),
+        };
         let headers = dead_letter_headers(
             envelope,
-            held.message.headers.as_ref(),
+            original,
             verdict,
             &self.group,
             held.message.subject.as_str(),
@@ -200,7 +206,7 @@ impl engine::Sink for NatsSink {
             &self.dead_letter_subject,
             &msg_id,
             headers,
-            held.message.payload.clone(),
+            payload,
             self.inner.config.publish_timeout,
         )
         .await?;

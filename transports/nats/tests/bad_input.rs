@@ -79,7 +79,12 @@ fn a_foreign_message_is_dead_lettered_with_the_reason_and_the_flow_goes_on() {
         for dl in sub.dead_letters().await.unwrap() {
             assert_eq!(dl.reason, DeadLetterReason::Undecodable);
             assert_eq!(dl.attempts, 1);
-            assert!(dl.error.contains("not a Seambus envelope"), "{}", dl.error);
+            assert_eq!(
+                dl.error.matches("not a Seambus envelope").count(),
+                1,
+                "said once: {}",
+                dl.error
+            );
         }
         assert_eq!(sub.stats().retried, 0);
         bus.shutdown(Duration::from_secs(5)).await.unwrap();
@@ -182,5 +187,95 @@ fn an_unreachable_server_is_a_retryable_connection_error() {
         assert_eq!(err.kind(), ErrorKind::Connection);
         assert!(err.is_retryable());
         assert!(!err.to_string().contains("hunter2"), "{err}");
+    });
+}
+
+/// A foreign message that fits the server's limit, but whose dead-letter
+/// copy (payload plus the dead-letter headers) does not: dead-lettered once
+/// as `too_large`, without its payload, and never redelivered.
+#[test]
+fn a_message_too_large_to_dead_letter_whole_is_dead_lettered_as_too_large() {
+    if !ready() {
+        return;
+    }
+    block_on(async {
+        let ns = seambus::conformance::namespace("toolarge");
+        let transport = common::transport(&ns).await;
+        let client = transport.client().clone();
+        let max = client.server_info().max_payload;
+        let bus = Bus::builder().transport("nats", transport).build().unwrap();
+        let tally = Tally::new();
+        let sub = bus
+            .module("billing")
+            .subscribe(seambus::conformance::record_into::<OrderPlaced>(&tally))
+            .await
+            .unwrap();
+        let subject = format!("t-{ns}.orders.order_placed");
+        let id = uuid::Uuid::now_v7();
+        let id_text = id.to_string();
+        let pairs = [
+            ("ce-specversion", "1.0"),
+            ("ce-id", id_text.as_str()),
+            ("ce-source", "a-foreign-producer"),
+            ("ce-type", "orders.order_placed"),
+            ("ce-dataversion", "1"),
+            ("content-type", "application/json"),
+        ];
+        let mut headers = async_nats::HeaderMap::new();
+        for (name, value) in pairs {
+            headers.insert(name, value);
+        }
+        // The header block as the client writes it ("NATS/1.0\r\n", one
+        // "name: value\r\n" per header, "\r\n"), then a body just under
+        // the limit: not JSON, so it is dead-lettered as undecodable.
+        let header_bytes: usize = 12
+            + pairs
+                .iter()
+                .map(|(n, v)| n.len() + v.len() + 4)
+                .sum::<usize>();
+        let body = vec![b'x'; max - header_bytes - 200];
+        let js = async_nats::jetstream::new(client);
+        js.publish_with_headers(subject, headers, body.into())
+            .await
+            .expect("the server takes the message")
+            .await
+            .expect("stored");
+        let good = bus
+            .module("orders")
+            .publish(OrderPlaced {
+                id: 1,
+                note: "fine".into(),
+            })
+            .await
+            .unwrap();
+        tally
+            .wait_for_all("the event after it", &HashSet::from([good]))
+            .await;
+        poll_until("the too-large dead letter", || async {
+            !sub.dead_letters().await.unwrap().is_empty()
+        })
+        .await;
+        let dead = sub.dead_letters().await.unwrap();
+        assert_eq!(dead.len(), 1, "{dead:?}");
+        let dl = &dead[0];
+        assert_eq!(dl.reason, DeadLetterReason::TooLarge);
+        assert_eq!(dl.envelope.id(), id);
+        assert!(dl.error.contains("undecodable"), "{}", dl.error);
+        assert_eq!(dl.envelope.payload_bytes().map(|p| p.len()), Some(0));
+        assert_eq!(sub.stats().dead_lettered, 1);
+        // Acknowledged once stored: the group's consumer holds nothing.
+        let stream = js.get_stream(format!("T_{ns}")).await.unwrap();
+        poll_until("no message left unacknowledged", || async {
+            let mut consumers = stream.consumers();
+            let mut pending = 0;
+            while let Some(info) = futures_util::StreamExt::next(&mut consumers).await {
+                pending += info.unwrap().num_ack_pending;
+            }
+            pending == 0
+        })
+        .await;
+        assert_eq!(sub.stats().dead_lettered, 1, "counted once");
+        bus.shutdown(Duration::from_secs(5)).await.unwrap();
+        common::Nats { restart: false }.cleanup(&ns).await;
     });
 }

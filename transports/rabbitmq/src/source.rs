@@ -287,7 +287,10 @@ impl engine::Sink for RabbitSink {
             &self.inner.connector,
             &dead_letter_exchange(&self.inner.config.exchange),
             &self.queues.work,
-            &held.delivery.data,
+            match verdict.without_payload {
+                false => &held.delivery.data,
+                true => &[],
+            },
             properties,
             self.inner.config.publish_timeout,
         )
