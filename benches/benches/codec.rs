@@ -111,7 +111,7 @@ fn envelope(c: &mut Criterion) {
     group.bench_function("from_wire_headers", |b| {
         b.iter(|| {
             Attributes::from_wire_headers(
-                "ce-",
+                &["ce-"],
                 wire.iter().map(|(n, v)| (n.as_str(), v.as_str())),
                 |_| false,
             )

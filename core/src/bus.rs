@@ -656,11 +656,11 @@ impl Module {
         // Inside a handler: link the new event to the one being handled.
         let _ = CURRENT.try_with(|parent| {
             let p = parent.attributes();
-            attrs.causation_id = Some(p.id.to_string());
+            let parent_id = p.wire_id();
             if attrs.correlation_id.is_none() {
-                attrs.correlation_id =
-                    Some(p.correlation_id.clone().unwrap_or_else(|| p.id.to_string()));
+                attrs.correlation_id = Some(p.correlation_id.clone().unwrap_or(parent_id.clone()));
             }
+            attrs.causation_id = Some(parent_id);
             if attrs.traceparent.is_none() {
                 attrs.traceparent = p.traceparent.clone();
             }

@@ -26,7 +26,13 @@ pub const SPEC_VERSION: &str = "1.0";
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Attributes {
     /// `id`: UUIDv7, unique per event; the dedupe key for idempotent handlers.
+    /// For an event from a foreign producer whose `id` is not a UUID (the
+    /// CloudEvents spec allows any string), a UUIDv5 derived from its
+    /// `source` and `id`, so every copy of one foreign event has one id.
     pub id: Uuid,
+    /// The `id` as a foreign producer sent it, when it is not a UUID; it is
+    /// what goes back on the wire (dead letters, redrives, causation ids).
+    pub foreign_id: Option<String>,
     /// `source`: the publishing module.
     pub source: Cow<'static, str>,
     /// `type`: the event name.
@@ -51,6 +57,9 @@ pub struct Attributes {
     /// Free user headers, in insertion order.
     pub headers: Vec<(String, String)>,
 }
+
+/// The UUIDv5 namespace of foreign event ids.
+const FOREIGN_IDS: Uuid = Uuid::from_u128(0x5ea3_b05e_0000_4000_8000_000f_0e16_0001);
 
 /// Orders the UUIDv7 ids of this process (as `Uuid::now_v7` does), from a
 /// clock reading the caller already has.
@@ -78,6 +87,7 @@ impl Attributes {
         let now = std::time::SystemTime::now();
         Self {
             id: id_at(now),
+            foreign_id: None,
             source: source.into(),
             event_type: event_type.into(),
             time: DateTime::<Utc>::from(now),
@@ -90,6 +100,21 @@ impl Attributes {
             traceparent: None,
             headers: Vec::new(),
         }
+    }
+
+    /// The `id` as it travels: the foreign producer's own string when there
+    /// is one, else the UUID.
+    pub fn wire_id(&self) -> String {
+        self.foreign_id
+            .clone()
+            .unwrap_or_else(|| self.id.to_string())
+    }
+
+    /// The UUID Seambus gives a foreign event whose `id` is not a UUID: a
+    /// UUIDv5 of its `source` and `id` (CloudEvents makes the pair unique).
+    pub fn foreign_uuid(source: &str, id: &str) -> Uuid {
+        let name = format!("{source}\n{id}");
+        Uuid::new_v5(&FOREIGN_IDS, name.as_bytes())
     }
 
     /// The value of user header `name`, if present.
@@ -143,7 +168,7 @@ impl Attributes {
         let mut out = Vec::with_capacity(8 + self.headers.len());
         let mut put = |name: &str, value: String| out.push((format!("{prefix}{name}"), value));
         put("specversion", SPEC_VERSION.to_owned());
-        put("id", self.id.to_string());
+        put("id", self.wire_id());
         put("source", self.source.to_string());
         put("type", self.event_type.to_string());
         put(
@@ -161,43 +186,55 @@ impl Attributes {
     }
 
     /// Reads attributes back from header pairs written by
-    /// [`Attributes::to_wire_headers`]. Names with `prefix` are attributes
-    /// (matched case-insensitively); other names become user headers unless
-    /// `skip` says they belong to the transport.
+    /// [`Attributes::to_wire_headers`] (or by any CloudEvents binary-mode
+    /// producer). Names with one of `prefixes` are attributes (matched
+    /// case-insensitively; a binding may have several, as AMQP has
+    /// `cloudEvents_` and `cloudEvents:`); other names become user headers
+    /// unless `skip` says they belong to the transport.
     ///
-    /// A missing `id`, `type` or `dataversion`, or a malformed value, is a
-    /// [`ErrorKind::Decode`] error, so the message can be dead-lettered with
-    /// that reason.
+    /// A missing `id`, `type` or `dataversion`, a malformed value, or an
+    /// attribute with CR, LF or NUL in it is a [`ErrorKind::Decode`] error,
+    /// so the message can be dead-lettered with that reason. A user header
+    /// that could not be sent again (CR, LF or NUL, or an unusable name) is
+    /// left out, and a warning names it. An `id` that is not a UUID is kept
+    /// in [`Attributes::foreign_id`] (see [`Attributes::id`]).
     pub fn from_wire_headers<'a>(
-        prefix: &str,
+        prefixes: &[&str],
         headers: impl IntoIterator<Item = (&'a str, &'a str)>,
         skip: impl Fn(&str) -> bool,
     ) -> Result<Self> {
         let bad = |why: String| Error::new(ErrorKind::Decode, why);
         let mut attrs = Attributes::new("", "", 0);
-        let (mut id, mut ty, mut version) = (false, false, false);
+        let (mut id, mut ty, mut version) = (None, false, false);
         for (name, value) in headers {
-            let attr = name
-                .get(..prefix.len())
-                .filter(|p| p.eq_ignore_ascii_case(prefix))
-                .map(|_| name[prefix.len()..].to_ascii_lowercase());
+            let attr = prefixes.iter().find_map(|prefix| {
+                crate::transport::support::starts_with_ignore_case(name, prefix)
+                    .then(|| name[prefix.len()..].to_ascii_lowercase())
+            });
             let Some(attr) = attr else {
-                if !skip(name) {
-                    attrs.headers.push((name.to_owned(), value.to_owned()));
+                if skip(name) {
+                    continue;
+                }
+                match validate_header(name, value) {
+                    Ok(()) => attrs.headers.push((name.to_owned(), value.to_owned())),
+                    Err(e) => {
+                        tracing::warn!(reason = %e.message(), "an inbound header was left out")
+                    }
                 }
                 continue;
             };
+            if value.bytes().any(|b| matches!(b, b'\r' | b'\n' | 0)) {
+                return Err(bad(format!(
+                    "attribute `{attr}` has CR, LF or NUL in its value"
+                )));
+            }
             match attr.as_str() {
                 "specversion" if value != SPEC_VERSION => {
                     return Err(bad(format!("unsupported specversion {value:?}")))
                 }
                 "specversion" => {}
-                "id" => {
-                    attrs.id = value
-                        .parse()
-                        .map_err(|e| bad(format!("id {value:?} is not a UUID: {e}")))?;
-                    id = true;
-                }
+                "id" if value.is_empty() => return Err(bad("the id is empty".into())),
+                "id" => id = Some(value),
                 "source" => attrs.source = Cow::Owned(value.to_owned()),
                 "type" => {
                     attrs.event_type = Cow::Owned(value.to_owned());
@@ -223,8 +260,18 @@ impl Attributes {
                 _ => attrs.headers.push((name.to_owned(), value.to_owned())),
             }
         }
+        let prefix = prefixes.first().copied().unwrap_or_default();
         match (id, ty, version) {
-            (true, true, true) => Ok(attrs),
+            (Some(id), true, true) => {
+                match id.parse() {
+                    Ok(uuid) => attrs.id = uuid,
+                    Err(_) => {
+                        attrs.id = Self::foreign_uuid(&attrs.source, id);
+                        attrs.foreign_id = Some(id.to_owned());
+                    }
+                }
+                Ok(attrs)
+            }
             _ => Err(bad(format!(
                 "missing {prefix}id, {prefix}type or {prefix}dataversion"
             ))),
@@ -392,7 +439,7 @@ mod tests {
             .iter()
             .any(|(n, v)| n == "ce_id" && *v == a.id.to_string()));
         let back = Attributes::from_wire_headers(
-            "ce_",
+            &["ce_"],
             wire.iter().map(|(n, v)| (n.as_str(), v.as_str())),
             |_| false,
         )
@@ -402,20 +449,70 @@ mod tests {
 
     #[test]
     fn foreign_message_is_a_decode_error() {
-        let err = Attributes::from_wire_headers("ce-", [("content-type", "text/plain")], |_| false)
-            .unwrap_err();
+        let err =
+            Attributes::from_wire_headers(&["ce-"], [("content-type", "text/plain")], |_| false)
+                .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Decode);
-        let err = Attributes::from_wire_headers(
-            "ce-",
-            [
-                ("ce-id", "not-a-uuid"),
-                ("ce-type", "a.b"),
-                ("ce-dataversion", "1"),
-            ],
-            |_| false,
-        )
-        .unwrap_err();
-        assert_eq!(err.kind(), ErrorKind::Decode);
+        assert!(err.message().starts_with("missing ce-id"), "{err}");
+    }
+
+    #[test]
+    fn a_foreign_id_is_kept_and_gives_one_uuid_per_source_and_id() {
+        let read = |source: &str, id: &str| {
+            Attributes::from_wire_headers(
+                &["ce-"],
+                [
+                    ("ce-id", id),
+                    ("ce-source", source),
+                    ("ce-type", "a.b"),
+                    ("ce-dataversion", "1"),
+                ],
+                |_| false,
+            )
+            .unwrap()
+        };
+        let a = read("shop", "order-42");
+        assert_eq!(a.foreign_id.as_deref(), Some("order-42"));
+        assert_eq!(a.id, read("shop", "order-42").id, "copies share the id");
+        assert_ne!(a.id, read("other-shop", "order-42").id);
+        assert_eq!(a.id, Attributes::foreign_uuid("shop", "order-42"));
+        // It goes back on the wire as it came.
+        let wire = a.to_wire_headers("ce-");
+        assert!(wire.iter().any(|(n, v)| n == "ce-id" && v == "order-42"));
+        // A UUID id is the id.
+        let uuid = uuid::Uuid::now_v7();
+        let b = read("shop", &uuid.to_string());
+        assert_eq!((b.id, b.foreign_id), (uuid, None));
+    }
+
+    #[test]
+    fn inbound_attributes_are_as_strict_as_outbound_ones() {
+        let read = |extra: (&'static str, &'static str)| {
+            Attributes::from_wire_headers(
+                &["cloudEvents:", "cloudEvents_"],
+                [
+                    ("cloudEvents_id", "e-1"),
+                    ("cloudEvents:type", "a.b"),
+                    ("cloudEvents_dataversion", "1"),
+                    extra,
+                ],
+                |_| false,
+            )
+        };
+        for bad in [
+            ("cloudEvents_correlationid", "c\r\nx-forged: 1"),
+            ("cloudEvents:subject", "a\nb"),
+            ("cloudEvents_source", "nul\0"),
+        ] {
+            let err = read(bad).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Decode);
+            assert!(!err.message().contains("forged"), "no value quoted: {err}");
+        }
+        // A user header that could not be sent again is left out.
+        let attrs = read(("x-note", "a\r\nb")).unwrap();
+        assert!(attrs.headers.is_empty(), "{:?}", attrs.headers);
+        // Both AMQP prefixes are read.
+        assert_eq!(read(("x-ok", "fine")).unwrap().event_type, "a.b");
     }
 
     #[test]

@@ -51,7 +51,7 @@ pub(crate) fn header_pairs(headers: Option<&impl Headers>) -> Vec<(String, Strin
 /// Reads an envelope back from a record's headers and payload.
 pub(crate) fn envelope_of(pairs: &[(String, String)], payload: &[u8]) -> Result<Envelope> {
     let mut attrs = Attributes::from_wire_headers(
-        CE_PREFIX,
+        &[CE_PREFIX],
         pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())),
         is_transport_header,
     )?;

@@ -228,3 +228,74 @@ fn a_record_too_large_to_dead_letter_whole_is_dead_lettered_as_too_large() {
         common::Kafka { restart: false }.cleanup(&ns).await;
     });
 }
+
+/// A foreign CloudEvent whose `id` is not a UUID is handled with the id it
+/// came with; one with CR/LF in an attribute is dead-lettered at once as
+/// undecodable, not retried until `max_attempts`.
+#[test]
+fn foreign_ids_are_read_and_bad_attributes_dead_lettered_at_decode() {
+    if !ready() {
+        return;
+    }
+    let _serial = common::one_at_a_time();
+    block_on(async {
+        let ns = seambus::conformance::namespace("foreignid");
+        let transport = common::transport(&ns).await;
+        let producer = transport.producer().clone();
+        let bus = Bus::builder()
+            .transport("kafka", transport)
+            .build()
+            .unwrap();
+        let tally = Tally::new();
+        let sub = bus
+            .module("billing")
+            .subscribe(seambus::conformance::record_into::<OrderPlaced>(&tally))
+            .await
+            .unwrap();
+        let topic = format!("t-{ns}.orders.order_placed");
+        for (n, correlation) in [(7, "fine"), (8, "c\r\nx-forged: yes")] {
+            let id = format!("shop-order-{n}");
+            let mut headers = rdkafka::message::OwnedHeaders::new();
+            for (key, value) in [
+                ("ce_specversion", "1.0"),
+                ("ce_id", id.as_str()),
+                ("ce_source", "a-foreign-shop"),
+                ("ce_type", "orders.order_placed"),
+                ("ce_dataversion", "1"),
+                ("ce_correlationid", correlation),
+                ("content-type", "application/json"),
+            ] {
+                headers = headers.insert(rdkafka::message::Header {
+                    key,
+                    value: Some(value),
+                });
+            }
+            let body = format!(r#"{{"id":{n},"note":"foreign"}}"#);
+            producer
+                .send(
+                    FutureRecord::<str, str>::to(&topic)
+                        .payload(&body)
+                        .headers(headers),
+                    Duration::from_secs(30),
+                )
+                .await
+                .map_err(|(e, _)| e)
+                .unwrap();
+        }
+        let id = Attributes::foreign_uuid("a-foreign-shop", "shop-order-7");
+        tally
+            .wait_for_all("the foreign event", &HashSet::from([id]))
+            .await;
+        poll_until("the bad attribute's dead letter", || async {
+            sub.dead_letters().await.unwrap().len() == 1
+        })
+        .await;
+        let dl = &sub.dead_letters().await.unwrap()[0];
+        assert_eq!(dl.reason, DeadLetterReason::Undecodable);
+        assert_eq!(dl.attempts, 1);
+        assert!(dl.error.contains("correlationid"), "{}", dl.error);
+        assert_eq!(sub.stats().retried, 0);
+        bus.shutdown(Duration::from_secs(10)).await.unwrap();
+        common::Kafka { restart: false }.cleanup(&ns).await;
+    });
+}

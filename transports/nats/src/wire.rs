@@ -50,7 +50,7 @@ pub(crate) fn envelope_of(headers: Option<&HeaderMap>, payload: Bytes) -> Result
             .iter()
             .map(move |v| (AsRef::<str>::as_ref(name), AsRef::<str>::as_ref(v)))
     });
-    let mut attrs = Attributes::from_wire_headers(CE_PREFIX, pairs, is_transport_header)?;
+    let mut attrs = Attributes::from_wire_headers(&[CE_PREFIX], pairs, is_transport_header)?;
     if let Some(ct) = headers.get(CONTENT_TYPE) {
         attrs.data_content_type = ct.as_str().to_owned().into();
     }

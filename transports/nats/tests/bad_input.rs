@@ -279,3 +279,51 @@ fn a_message_too_large_to_dead_letter_whole_is_dead_lettered_as_too_large() {
         common::Nats { restart: false }.cleanup(&ns).await;
     });
 }
+
+/// A foreign CloudEvent whose `id` is not a UUID (the spec allows any
+/// string) is handled, with the id it came with.
+#[test]
+fn a_foreign_event_with_a_non_uuid_id_is_handled() {
+    if !ready() {
+        return;
+    }
+    block_on(async {
+        let ns = seambus::conformance::namespace("foreignid");
+        let transport = common::transport(&ns).await;
+        let client = transport.client().clone();
+        let bus = Bus::builder().transport("nats", transport).build().unwrap();
+        let tally = Tally::new();
+        let _sub = bus
+            .module("billing")
+            .subscribe(seambus::conformance::record_into::<OrderPlaced>(&tally))
+            .await
+            .unwrap();
+        let mut headers = async_nats::HeaderMap::new();
+        for (name, value) in [
+            ("ce-specversion", "1.0"),
+            ("ce-id", "shop-order-7"),
+            ("ce-source", "a-foreign-shop"),
+            ("ce-type", "orders.order_placed"),
+            ("ce-dataversion", "1"),
+            ("content-type", "application/json"),
+        ] {
+            headers.insert(name, value);
+        }
+        async_nats::jetstream::new(client)
+            .publish_with_headers(
+                format!("t-{ns}.orders.order_placed"),
+                headers,
+                r#"{"id":7,"note":"foreign"}"#.into(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        let id = Attributes::foreign_uuid("a-foreign-shop", "shop-order-7");
+        tally
+            .wait_for_all("the foreign event", &HashSet::from([id]))
+            .await;
+        bus.shutdown(Duration::from_secs(5)).await.unwrap();
+        common::Nats { restart: false }.cleanup(&ns).await;
+    });
+}

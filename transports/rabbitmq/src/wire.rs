@@ -5,6 +5,7 @@
 use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Confirmation};
+use seambus::transport::support::starts_with_ignore_case;
 use seambus::{Attributes, Envelope, Error, ErrorKind, Result};
 use tokio::time::Instant;
 
@@ -13,6 +14,10 @@ use crate::error::amqp_error;
 
 /// Prefix of CloudEvents attributes among the application properties.
 pub(crate) const CE_PREFIX: &str = "cloudEvents:";
+/// The attribute prefixes read: the AMQP binding's two (`cloudEvents:`,
+/// and `cloudEvents_`, which the current spec prefers), and the `ce-` of
+/// the CloudEvents SDKs' RabbitMQ binding.
+const READ_PREFIXES: [&str; 3] = [CE_PREFIX, "cloudEvents_", "ce-"];
 /// The attempt number of the next delivery.
 pub(crate) const ATTEMPT: &str = "x-seambus-attempt";
 /// Prefix of the dead-letter headers.
@@ -89,6 +94,12 @@ pub(crate) fn value_text(value: &AMQPValue) -> Option<String> {
         AMQPValue::ShortInt(n) => Some(n.to_string()),
         AMQPValue::ShortUInt(n) => Some(n.to_string()),
         AMQPValue::Boolean(b) => Some(b.to_string()),
+        // An AMQP timestamp (seconds since the epoch), which the CloudEvents
+        // AMQP binding allows for `time`.
+        AMQPValue::Timestamp(t) => i64::try_from(*t)
+            .ok()
+            .and_then(|t| chrono::DateTime::<chrono::Utc>::from_timestamp(t, 0))
+            .map(|t| t.to_rfc3339()),
         _ => None,
     }
 }
@@ -105,7 +116,7 @@ pub(crate) fn properties_of(attrs: &Attributes, attempt: u32) -> BasicProperties
     }
     headers.insert(ATTEMPT.into(), AMQPValue::LongLongInt(i64::from(attempt)));
     BasicProperties::default()
-        .with_message_id(attrs.id.to_string().into())
+        .with_message_id(attrs.wire_id().into())
         .with_content_type(attrs.data_content_type.as_ref().into())
         .with_delivery_mode(2)
         .with_timestamp(attrs.time.timestamp().max(0) as u64)
@@ -131,13 +142,29 @@ pub(crate) fn envelope_of(properties: &BasicProperties, data: &[u8]) -> (Result<
         .filter_map(|(k, v)| value_text(v).map(|v| (k.as_str().to_owned(), v)))
         .collect();
     let parsed = Attributes::from_wire_headers(
-        CE_PREFIX,
+        &READ_PREFIXES,
         pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())),
         is_transport_header,
     )
     .map(|mut attrs| {
         if let Some(ct) = properties.content_type() {
             attrs.data_content_type = ct.as_str().to_owned().into();
+        }
+        // No `time` attribute: the message's own timestamp, if it has one.
+        let has_time = pairs.iter().any(|(k, _)| {
+            READ_PREFIXES.iter().any(|p| {
+                k.len() == p.len() + 4
+                    && starts_with_ignore_case(k, p)
+                    && k[p.len()..].eq_ignore_ascii_case("time")
+            })
+        });
+        if let (false, Some(t)) = (has_time, properties.timestamp()) {
+            if let Some(t) = i64::try_from(*t)
+                .ok()
+                .and_then(|t| chrono::DateTime::<chrono::Utc>::from_timestamp(t, 0))
+            {
+                attrs.time = t;
+            }
         }
         Envelope::from_bytes(attrs, data.to_vec())
     });

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
-use seambus::conformance::{block_on, broker_ready, poll_until, Tally};
+use seambus::conformance::{block_on, broker_ready, poll_until, Harness, Tally};
 use seambus::transport::{DeadLetterReason, Transport};
 use seambus::{Attributes, Bus, Envelope, ErrorKind};
 use seambus_rabbitmq::{RabbitMqConfig, RabbitMqTransport};
@@ -232,5 +232,122 @@ fn an_unreachable_broker_is_a_retryable_connection_error_without_the_password() 
         assert_eq!(err.kind(), ErrorKind::Connection);
         assert!(err.is_retryable());
         assert!(!err.to_string().contains("hunter2"), "{err}");
+    });
+}
+
+/// CloudEvents from other producers, as the AMQP binding allows them: the
+/// `cloudEvents_` prefix, the SDKs' `ce-`, a `time` sent as an AMQP
+/// timestamp, an `id` that is not a UUID. All are handled. An attribute
+/// with CR/LF in it is dead-lettered at once as undecodable (not retried
+/// until `max_attempts`).
+#[test]
+fn foreign_cloudevents_in_every_amqp_binding_are_read() {
+    use lapin::types::{AMQPValue, FieldTable, LongString};
+    if !ready() {
+        return;
+    }
+    block_on(async {
+        let ns = seambus::conformance::namespace("bindings");
+        let bus = Bus::builder()
+            .transport("rabbitmq", common::transport(&ns).await)
+            .build()
+            .unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let sub = bus
+            .module("billing")
+            .subscribe(
+                move |e: seambus::Received<OrderPlaced>, ctx: seambus::Context| {
+                    let tx = tx.clone();
+                    async move {
+                        let a = ctx.envelope().attributes().clone();
+                        let _ = tx.send((e.id, a));
+                        Ok::<(), seambus::HandlerError>(())
+                    }
+                },
+            )
+            .await
+            .unwrap();
+        let plain = Connection::connect(&common::url(), ConnectionProperties::default())
+            .await
+            .unwrap();
+        let channel = plain.create_channel().await.unwrap();
+        let text = |s: &str| AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()));
+        let send = |prefix: &'static str, id: u64, extra: Vec<(&'static str, AMQPValue)>| {
+            let channel = channel.clone();
+            let ns = ns.clone();
+            async move {
+                let mut headers = FieldTable::default();
+                for (name, value) in [
+                    ("id", text(&format!("shop-order-{id}"))),
+                    ("source", text("a-foreign-shop")),
+                    ("type", text("orders.order_placed")),
+                    ("specversion", text("1.0")),
+                    ("dataversion", text("1")),
+                ]
+                .into_iter()
+                .chain(extra)
+                {
+                    headers.insert(format!("{prefix}{name}").into(), value);
+                }
+                let body = format!(r#"{{"id":{id},"note":"foreign"}}"#);
+                channel
+                    .basic_publish(
+                        format!("t-{ns}").into(),
+                        "orders.order_placed".into(),
+                        BasicPublishOptions::default(),
+                        body.as_bytes(),
+                        BasicProperties::default()
+                            .with_content_type("application/json".into())
+                            .with_headers(headers),
+                    )
+                    .await
+                    .unwrap()
+                    .await
+                    .unwrap();
+            }
+        };
+        let when = 1_700_000_000;
+        send(
+            "cloudEvents_",
+            1,
+            vec![("time", AMQPValue::Timestamp(when))],
+        )
+        .await;
+        send("cloudEvents:", 2, vec![]).await;
+        send("ce-", 3, vec![]).await;
+        send(
+            "cloudEvents_",
+            4,
+            vec![("correlationid", text("c\r\nx-forged: yes"))],
+        )
+        .await;
+        let mut seen = std::collections::BTreeMap::new();
+        while seen.len() < 3 {
+            let (id, attrs) = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+                .await
+                .expect("the foreign events are handled")
+                .unwrap();
+            seen.insert(id, attrs);
+        }
+        let first = &seen[&1];
+        assert_eq!(first.foreign_id.as_deref(), Some("shop-order-1"));
+        assert_eq!(
+            first.id,
+            Attributes::foreign_uuid("a-foreign-shop", "shop-order-1")
+        );
+        assert_eq!(first.time.timestamp(), when as i64, "the AMQP timestamp");
+        assert_eq!(first.source, "a-foreign-shop");
+        assert!(seen.contains_key(&2) && seen.contains_key(&3), "{seen:?}");
+        poll_until("the bad attribute's dead letter", || async {
+            sub.dead_letters().await.unwrap().len() == 1
+        })
+        .await;
+        let dl = &sub.dead_letters().await.unwrap()[0];
+        assert_eq!(dl.reason, DeadLetterReason::Undecodable);
+        assert_eq!(dl.attempts, 1);
+        assert!(dl.error.contains("correlationid"), "{}", dl.error);
+        assert!(!seen.contains_key(&4));
+        bus.shutdown(Duration::from_secs(5)).await.unwrap();
+        common::Rabbit { restart: false }.cleanup(&ns).await;
     });
 }
