@@ -361,8 +361,7 @@ where
     H: Handler<E, T, S>,
 {
     fn handle(&self, delivery: Delivery) -> BoxFuture<'static, Outcome> {
-        let inner = self.inner.clone();
-        Box::pin(async move { inner.run::<E, T>(delivery).await })
+        Box::pin(TypedInner::run::<E, T>(self.inner.clone(), delivery))
     }
 
     fn settled(&self, _group: &GroupId, settlement: Settlement) {
@@ -387,7 +386,10 @@ impl Drop for PanicCounter<'_> {
 }
 
 impl<H, S: Send + Sync + 'static> TypedInner<H, S> {
-    async fn run<E: Event, T: 'static>(&self, delivery: Delivery) -> Outcome
+    // Each level of nested futures costs a copy of its state when it starts:
+    // the handler's future is created and awaited in as few levels as the
+    // pipeline allows.
+    async fn run<E: Event, T: 'static>(self: Arc<Self>, delivery: Delivery) -> Outcome
     where
         H: Handler<E, T, S>,
     {
@@ -429,19 +431,21 @@ impl<H, S: Send + Sync + 'static> TypedInner<H, S> {
         };
         // quanta reads the CPU's counter: a fraction of a clock_gettime.
         let started = quanta::Instant::now();
-        let result = async {
-            let _panics = PanicCounter(&self.stats);
-            match &self.layers {
-                None => self.call_timed(Received(resolved), ctx).await,
-                Some(stack) => {
-                    stack
-                        .call(crate::layer::Request::new(ctx, Received(resolved)))
-                        .await
-                }
+        let panics = PanicCounter(&self.stats);
+        let result = match &self.layers {
+            None => {
+                self.call_timed(Received(resolved), ctx)
+                    .instrument(span.clone())
+                    .await
             }
-        }
-        .instrument(span.clone())
-        .await;
+            Some(stack) => {
+                stack
+                    .call(crate::layer::Request::new(ctx, Received(resolved)))
+                    .instrument(span.clone())
+                    .await
+            }
+        };
+        drop(panics);
         self.stats.record(started.elapsed());
         let _enter = span.enter();
         match result {
@@ -493,9 +497,9 @@ impl<H, S: Send + Sync + 'static> TypedInner<H, S> {
         H: Handler<E, T, S>,
     {
         let envelope = ctx.envelope.clone();
-        // The call is inside the future, so a panic before the handler's
-        // first await unwinds through the same path as any other.
-        let call = async move { self.handler.call(event, ctx, &self.state).await };
+        // Called while this future is polled, so a panic before the
+        // handler's first await unwinds through the same path as any other.
+        let call = self.handler.call(event, ctx, &self.state);
         let scoped = CURRENT.scope(envelope, call);
         match self.timeout {
             None => scoped.await,
