@@ -365,7 +365,43 @@ impl NatsConfig {
                 ))
             }
         }
-        options = match &self.auth {
+        // Credentials in a server URL go to the client as options, and the
+        // URLs it keeps (and prints in its debug logs) carry none.
+        let mut url_auth = None;
+        let servers: Vec<async_nats::ServerAddr> = self
+            .servers
+            .iter()
+            .map(|s| {
+                let shown = || redact_url(s);
+                let addr: async_nats::ServerAddr = s
+                    .parse()
+                    .map_err(|e| config_error(format!("server URL {}: {e}", shown())))?;
+                let (user, password) = (addr.username(), addr.password());
+                if user.is_none() && password.is_none() {
+                    return Ok(addr);
+                }
+                url_auth.get_or_insert_with(|| match password {
+                    Some(password) => Auth::UserPassword {
+                        user: user.unwrap_or_default().to_owned(),
+                        password: password.to_owned(),
+                    },
+                    None => Auth::Token {
+                        token: user.unwrap_or_default().to_owned(),
+                    },
+                });
+                let mut url = addr.into_inner();
+                let stripped = url.set_password(None).and_then(|()| url.set_username(""));
+                stripped
+                    .ok()
+                    .and_then(|()| async_nats::ServerAddr::from_url(url).ok())
+                    .ok_or_else(|| config_error(format!("server URL {}: unusable", shown())))
+            })
+            .collect::<seambus::Result<_>>()?;
+        let auth = match (&self.auth, &url_auth) {
+            (Auth::None, Some(from_url)) => from_url,
+            (auth, _) => auth,
+        };
+        options = match auth {
             Auth::None => options,
             Auth::Token { token } => options.token(token.clone()),
             Auth::UserPassword { user, password } => {
@@ -380,14 +416,6 @@ impl NatsConfig {
         if let Some(customize) = &self.customize {
             options = customize(options);
         }
-        let servers: Vec<async_nats::ServerAddr> = self
-            .servers
-            .iter()
-            .map(|s| {
-                s.parse()
-                    .map_err(|e| config_error(format!("server URL {}: {e}", redact_url(s))))
-            })
-            .collect::<seambus::Result<_>>()?;
         options.connect(servers).await.map_err(|e| {
             let shown: Vec<String> = self.servers.iter().map(|s| redact_url(s)).collect();
             connection_error(format!("cannot connect to {}", shown.join(", ")), e)
