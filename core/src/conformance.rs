@@ -34,7 +34,7 @@ use std::fmt;
 use std::future::Future;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering::SeqCst};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -206,6 +206,46 @@ pub fn block_on<F: Future>(future: F) -> F::Output {
         .build()
         .expect("a tokio runtime")
         .block_on(future)
+}
+
+/// Every log line of this test binary from the moment it is created, at
+/// every level, kept for the test to read: for tests of what is logged
+/// (a warning that must appear, a secret that must not). It installs the
+/// global subscriber, so create it first, in a test binary of its own.
+#[derive(Clone, Default)]
+pub struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl Logs {
+    /// Starts capturing. Panics if a subscriber is installed already.
+    pub fn capture() -> Self {
+        let logs = Self::default();
+        let sink = logs.clone();
+        tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(move || sink.clone())
+            .init();
+        logs
+    }
+
+    /// What was logged so far.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(PoisonError::into_inner)).into_owned()
+    }
+}
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// The output of the [`Suite`]'s cases: libtest-mimic runs tests without

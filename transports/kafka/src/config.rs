@@ -85,6 +85,12 @@ pub struct KafkaConfig {
     /// (`message.timeout.ms`). Default 30 s.
     #[serde(with = "humantime_serde")]
     pub publish_timeout: Duration,
+    /// A consumer that has not moved on a partition for this long while
+    /// the partition has records it has not settled logs a warning naming
+    /// the group, the partition and the lag, once per stall (and an info
+    /// line when it moves again). Default 60 s.
+    #[serde(with = "humantime_serde")]
+    pub stall_warning: Duration,
     /// Largest record, payload and headers (`message.max.bytes`); bigger
     /// ones are refused before sending. Default 1,000,000.
     pub message_max_bytes: usize,
@@ -117,6 +123,7 @@ impl Default for KafkaConfig {
             replication: 1,
             max_in_flight: 256,
             publish_timeout: Duration::from_secs(30),
+            stall_warning: Duration::from_secs(60),
             message_max_bytes: 1_000_000,
             auto_offset_reset: "latest".into(),
             idempotence: true,
@@ -163,6 +170,7 @@ impl fmt::Debug for KafkaConfig {
             .field("replication", &self.replication)
             .field("max_in_flight", &self.max_in_flight)
             .field("publish_timeout", &self.publish_timeout)
+            .field("stall_warning", &self.stall_warning)
             .field("message_max_bytes", &self.message_max_bytes)
             .field("auto_offset_reset", &self.auto_offset_reset)
             .field("idempotence", &self.idempotence)
@@ -200,6 +208,12 @@ impl KafkaConfig {
     /// Sets how long a publish may take.
     pub fn with_publish_timeout(mut self, timeout: Duration) -> Self {
         self.publish_timeout = timeout;
+        self
+    }
+
+    /// Sets [`KafkaConfig::stall_warning`].
+    pub fn with_stall_warning(mut self, after: Duration) -> Self {
+        self.stall_warning = after;
         self
     }
 

@@ -38,6 +38,8 @@ pub(crate) struct Assignment {
     next_epoch: AtomicU64,
     /// Partitions were revoked.
     revoked: Notify,
+    /// The group's first assignment came (the member has joined).
+    joined: std::sync::atomic::AtomicBool,
 }
 
 impl Assignment {
@@ -74,6 +76,8 @@ impl ConsumerContext for GroupContext {
 
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(list) = rebalance {
+            tracing::debug!(partitions = list.count(), "partitions assigned");
+            self.assignment.joined.store(true, SeqCst);
             {
                 let mut epochs = lock(&self.assignment.epochs);
                 for element in list.elements() {
@@ -149,6 +153,31 @@ impl Group {
     }
 }
 
+impl Group {
+    /// Per assigned partition: the offset the group has reached (settled,
+    /// or fetched when nothing was held yet) and the records after it.
+    /// Blocking (asks the broker for the end offsets).
+    fn lags(&self) -> rdkafka::error::KafkaResult<Vec<(i32, i64, i64)>> {
+        let assigned: Vec<i32> = lock(&self.assignment.epochs).keys().copied().collect();
+        let positions = self.consumer.position()?;
+        let mut out = Vec::with_capacity(assigned.len());
+        for partition in assigned {
+            let settled = lock(&self.offsets).get(&partition).map(|o| o.stored);
+            let fetched = positions
+                .find_partition(&self.topic, partition)
+                .and_then(|e| e.offset().to_raw());
+            let Some(reached) = settled.or(fetched) else {
+                continue;
+            };
+            let (_, end) = self
+                .consumer
+                .fetch_watermarks(&self.topic, partition, PIN_TIMEOUT)?;
+            out.push((partition, reached, (end - reached).max(0)));
+        }
+        Ok(out)
+    }
+}
+
 pub(crate) async fn subscribe(
     inner: &Arc<Inner>,
     spec: SubscriptionSpec,
@@ -172,7 +201,11 @@ pub(crate) async fn subscribe(
         // pinned at the end below unless they replay.
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "false")
-        .set("session.timeout.ms", "10000");
+        .set("session.timeout.ms", "10000")
+        // The engine polls all the time (also while it holds all it may),
+        // so a short poll interval costs nothing; it is also the rebalance
+        // timeout the group waits for a member that went away mid-join.
+        .set("max.poll.interval.ms", "30000");
     let client = config.finish(client);
     let consumer: StreamConsumer<GroupContext> = client
         .create_with_context(GroupContext {
@@ -205,6 +238,7 @@ pub(crate) async fn subscribe(
         topic,
         group: spec.group.clone(),
     });
+    tokio::spawn(watch_progress(Arc::downgrade(&group), config.stall_warning));
     let sink = Arc::new(KafkaSink {
         inner: inner.clone(),
         group: group.clone(),
@@ -219,6 +253,49 @@ pub(crate) async fn subscribe(
     };
     Ok(engine::spawn(host, spec, handler, source, sink, limits))
 }
+
+/// Warns when a partition of the group has records waiting and the group
+/// has not moved on it for `after` (nothing settled, nothing fetched: a
+/// stuck handler, a broker that stopped serving): once per stall, naming
+/// the group, the partition and the lag. Ends with the subscription.
+async fn watch_progress(group: std::sync::Weak<Group>, after: Duration) {
+    let every = (after / 4).max(Duration::from_millis(100));
+    // Per partition: the offset the group had reached, since when, and
+    // whether this stall was reported.
+    let mut seen: HashMap<i32, (i64, tokio::time::Instant, bool)> = HashMap::new();
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(group) = group.upgrade() else { return };
+        let g = group.clone();
+        let Ok(Ok(lags)) = tokio::task::spawn_blocking(move || g.lags()).await else {
+            continue;
+        };
+        let now = tokio::time::Instant::now();
+        seen.retain(|p, _| lags.iter().any(|(q, _, _)| q == p));
+        for (partition, reached, lag) in lags {
+            let entry = seen.entry(partition).or_insert((reached, now, false));
+            if entry.0 != reached || lag == 0 {
+                if entry.2 {
+                    tracing::info!(group = %group.group, partition, "consuming again after a stall");
+                }
+                *entry = (reached, now, false);
+            } else if !entry.2 && now.duration_since(entry.1) >= after {
+                entry.2 = true;
+                tracing::warn!(
+                    group = %group.group,
+                    topic = %group.topic,
+                    partition,
+                    lag,
+                    stalled_for = ?now.duration_since(entry.1),
+                    "no progress on a partition with records waiting"
+                );
+            }
+        }
+    }
+}
+
+/// How long a closing consumer waits for its first assignment.
+const JOIN_BEFORE_LEAVING: Duration = Duration::from_secs(10);
 
 /// How long the blocking calls that pin a new group may take.
 const PIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -314,6 +391,25 @@ impl engine::Source for KafkaSource {
     fn pause(&mut self, _paused: bool) {}
 
     async fn close(&mut self) {
+        // A member that leaves in the middle of its first join can leave
+        // the group waiting for it (seen on tansu: a group closed right
+        // after it subscribed received nothing for minutes when it came
+        // back). Finish the join first, for a bounded time; records that
+        // come meanwhile are not stored, so the group gets them again.
+        let joined = async {
+            // Polling runs the rebalance callback; recv alone would wait
+            // for a record before the flag is looked at again.
+            while !self.group.assignment.joined.load(SeqCst) {
+                let _ = tokio::time::timeout(Duration::from_millis(50), self.group.consumer.recv())
+                    .await;
+            }
+        };
+        if tokio::time::timeout(JOIN_BEFORE_LEAVING, joined)
+            .await
+            .is_err()
+        {
+            tracing::debug!(group = %self.group.group, "left before the first assignment came");
+        }
         // The last offsets, committed off the runtime's threads.
         let group = self.group.clone();
         let committed = tokio::task::spawn_blocking(move || {

@@ -4,37 +4,15 @@
 
 mod common;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-
-use seambus::conformance::{block_on, Harness};
+use seambus::conformance::{block_on, Harness, Logs};
 use seambus_nats::NatsTransport;
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 #[test]
 fn credentials_in_a_server_url_never_reach_the_logs() {
     if !seambus::conformance::broker_ready(&common::Nats { restart: false }) {
         return;
     }
-    let captured = Captured::default();
-    let sink = captured.clone();
-    tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_ansi(false)
-        .with_writer(move || sink.clone())
-        .init();
+    let captured = Logs::capture();
     block_on(async {
         let ns = seambus::conformance::namespace("secrets");
         let url = common::url().replacen("nats://", "nats://alice:hunter2-pw@", 1);
@@ -48,7 +26,7 @@ fn credentials_in_a_server_url_never_reach_the_logs() {
         }
         common::Nats { restart: false }.cleanup(&ns).await;
     });
-    let logs = String::from_utf8_lossy(&captured.0.lock().unwrap()).into_owned();
+    let logs = captured.text();
     assert!(
         logs.contains("connect"),
         "the client's debug logs were captured: {logs}"
