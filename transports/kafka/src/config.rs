@@ -85,9 +85,9 @@ pub struct KafkaConfig {
     /// (`message.timeout.ms`). Default 30 s.
     #[serde(with = "humantime_serde")]
     pub publish_timeout: Duration,
-    /// A consumer that has not moved on a partition for this long while
-    /// the partition has records it has not settled logs a warning naming
-    /// the group, the partition and the lag, once per stall (and an info
+    /// A consumer that holds fetched records of a partition and has
+    /// settled none of them for this long logs a warning naming the group,
+    /// the partition and the records waiting, once per stall (and an info
     /// line when it moves again). Default 60 s.
     #[serde(with = "humantime_serde")]
     pub stall_warning: Duration,

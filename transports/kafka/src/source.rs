@@ -154,27 +154,16 @@ impl Group {
 }
 
 impl Group {
-    /// Per assigned partition: the offset the group has reached (settled,
-    /// or fetched when nothing was held yet) and the records after it.
-    /// Blocking (asks the broker for the end offsets).
-    fn lags(&self) -> rdkafka::error::KafkaResult<Vec<(i32, i64, i64)>> {
-        let assigned: Vec<i32> = lock(&self.assignment.epochs).keys().copied().collect();
-        let positions = self.consumer.position()?;
-        let mut out = Vec::with_capacity(assigned.len());
-        for partition in assigned {
-            let settled = lock(&self.offsets).get(&partition).map(|o| o.stored);
-            let fetched = positions
-                .find_partition(&self.topic, partition)
-                .and_then(|e| e.offset().to_raw());
-            let Some(reached) = settled.or(fetched) else {
-                continue;
-            };
-            let (_, end) = self
-                .consumer
-                .fetch_watermarks(&self.topic, partition, PIN_TIMEOUT)?;
-            out.push((partition, reached, (end - reached).max(0)));
-        }
-        Ok(out)
+    /// Per partition this consumer holds records of: the offset it has
+    /// settled up to, and how many fetched records wait to be settled.
+    /// Only this consumer's own bookkeeping: no call into the client.
+    fn held(&self) -> Vec<(i32, i64, usize)> {
+        let epochs = lock(&self.assignment.epochs).clone();
+        lock(&self.offsets)
+            .iter()
+            .filter(|(p, o)| epochs.get(p) == Some(&o.epoch))
+            .map(|(p, o)| (*p, o.stored, o.in_flight.len()))
+            .collect()
     }
 }
 
@@ -254,38 +243,37 @@ pub(crate) async fn subscribe(
     Ok(engine::spawn(host, spec, handler, source, sink, limits))
 }
 
-/// Warns when a partition of the group has records waiting and the group
-/// has not moved on it for `after` (nothing settled, nothing fetched: a
-/// stuck handler, a broker that stopped serving): once per stall, naming
-/// the group, the partition and the lag. Ends with the subscription.
+/// Warns when this consumer holds records of a partition and has settled
+/// none of them for `after` (a handler that never ends, a key that never
+/// gets through): once per stall, naming the group, the partition and the
+/// records waiting. Ends with the subscription.
 async fn watch_progress(group: std::sync::Weak<Group>, after: Duration) {
     let every = (after / 4).max(Duration::from_millis(100));
-    // Per partition: the offset the group had reached, since when, and
-    // whether this stall was reported.
+    // Per partition: the offset settled up to, since when, and whether
+    // this stall was reported.
     let mut seen: HashMap<i32, (i64, tokio::time::Instant, bool)> = HashMap::new();
     loop {
         tokio::time::sleep(every).await;
-        let Some(group) = group.upgrade() else { return };
-        let g = group.clone();
-        let Ok(Ok(lags)) = tokio::task::spawn_blocking(move || g.lags()).await else {
-            continue;
+        let (name, topic, held) = match group.upgrade() {
+            Some(g) => (g.group.clone(), g.topic.clone(), g.held()),
+            None => return,
         };
         let now = tokio::time::Instant::now();
-        seen.retain(|p, _| lags.iter().any(|(q, _, _)| q == p));
-        for (partition, reached, lag) in lags {
+        seen.retain(|p, _| held.iter().any(|(q, _, _)| q == p));
+        for (partition, reached, waiting) in held {
             let entry = seen.entry(partition).or_insert((reached, now, false));
-            if entry.0 != reached || lag == 0 {
+            if entry.0 != reached || waiting == 0 {
                 if entry.2 {
-                    tracing::info!(group = %group.group, partition, "consuming again after a stall");
+                    tracing::info!(group = %name, partition, "consuming again after a stall");
                 }
                 *entry = (reached, now, false);
             } else if !entry.2 && now.duration_since(entry.1) >= after {
                 entry.2 = true;
                 tracing::warn!(
-                    group = %group.group,
-                    topic = %group.topic,
+                    group = %name,
+                    %topic,
                     partition,
-                    lag,
+                    waiting,
                     stalled_for = ?now.duration_since(entry.1),
                     "no progress on a partition with records waiting"
                 );

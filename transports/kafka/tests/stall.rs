@@ -71,7 +71,7 @@ fn a_stalled_partition_is_reported_with_group_and_partition() {
             line.contains("billing") && line.contains("partition="),
             "{line}"
         );
-        assert!(line.contains("lag="), "{line}");
+        assert!(line.contains("waiting="), "{line}");
         gate.add_permits(3);
         poll_until("the all-clear", || async {
             logs.text().contains("consuming again after a stall")
