@@ -402,38 +402,78 @@ where
     }
 
     // Stop: what did not start goes back at once; running handlers finish
-    // (until the deadline, where they give their event back).
+    // (until the deadline, where they give their event back). Past the
+    // deadline every broker call here has `STOP_GRACE` to finish (a broker
+    // that stops answering must not hang the shutdown); what did not is
+    // abandoned to the broker, which redelivers it.
     let waiting: Vec<Item<S::Token>> = state
         .ready
         .drain(..)
         .chain(std::mem::take(&mut state.delayed).into_values())
         .chain(state.lanes.drain().flat_map(|(_, lane)| lane))
         .collect();
-    for item in waiting {
-        state.held.remove(&item.seq);
-        if shared.sink.owns(&item.token) {
-            shared.sink.release(&item.token).await;
-        }
-    }
-    while let Some(done) = running.join_next().await {
-        match done {
-            Ok(Done::Abandoned(item)) => {
-                if let Ok(envelope) = item.envelope {
-                    state
-                        .unfinished
-                        .push(Unfinished::new(shared.spec.group.clone(), envelope));
-                }
-            }
-            // A retry decided while stopping: back to the broker, which
-            // keeps its attempt.
-            Ok(Done::Again(item, _)) if shared.sink.owns(&item.token) => {
+    let group = &shared.spec.group;
+    let give_back = async {
+        for item in waiting {
+            if shared.sink.owns(&item.token) {
                 shared.sink.release(&item.token).await;
             }
-            _ => {}
         }
+    };
+    if !within_grace(&signals.stop, give_back).await {
+        tracing::warn!(%group, "giving back held events did not finish in time after the shutdown deadline; the broker redelivers them");
     }
-    source.close().await;
+    let finishing = async {
+        while let Some(done) = running.join_next().await {
+            match done {
+                Ok(Done::Abandoned(item)) => {
+                    if let Ok(envelope) = item.envelope {
+                        state
+                            .unfinished
+                            .push(Unfinished::new(shared.spec.group.clone(), envelope));
+                    }
+                }
+                // A retry decided while stopping: back to the broker, which
+                // keeps its attempt.
+                Ok(Done::Again(item, _)) if shared.sink.owns(&item.token) => {
+                    shared.sink.release(&item.token).await;
+                }
+                _ => {}
+            }
+        }
+    };
+    if !within_grace(&signals.stop, finishing).await {
+        tracing::warn!(%group, handlers = running.len(), "handlers still settling their events after the shutdown deadline were abandoned; the broker redelivers those events");
+        running.abort_all();
+    }
+    let closed = tokio::time::timeout(CLOSE_LIMIT, within_grace(&signals.stop, source.close()));
+    if !closed.await.unwrap_or(false) {
+        tracing::warn!(%group, "closing the subscription's broker side did not finish in time; abandoned");
+    }
     state.unfinished
+}
+
+/// How long broker calls may still take once the shutdown deadline passed.
+pub(crate) const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// How long closing a subscription's broker side may take at most.
+const CLOSE_LIMIT: Duration = Duration::from_secs(30);
+
+/// Runs `work` to its end, or until `STOP_GRACE` after `stop` fired;
+/// false if it was cut short.
+async fn within_grace(
+    stop: &CancellationToken,
+    work: impl std::future::Future<Output = ()>,
+) -> bool {
+    let grace = async {
+        stop.cancelled().await;
+        tokio::time::sleep(STOP_GRACE).await;
+    };
+    tokio::select! {
+        biased;
+        () = work => true,
+        () = grace => false,
+    }
 }
 
 struct State<T> {

@@ -66,6 +66,11 @@ impl Subscriptions {
         }
     }
 
+    /// How many subscriptions run.
+    pub fn running(&self) -> usize {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner).0
+    }
+
     /// Takes what stopped subscriptions left unfinished.
     pub fn take_unfinished(&self) -> Vec<Unfinished> {
         std::mem::take(&mut self.state.lock().unwrap_or_else(PoisonError::into_inner).1)
@@ -216,10 +221,20 @@ pub async fn drain(
     .await
     .is_ok();
     stop.cancel();
-    subscriptions.idle().await;
+    // Each subscription gives up on its broker calls `STOP_GRACE` after
+    // the deadline; this wait is bounded too, so a shutdown always returns.
+    let stopped = tokio::time::timeout(super::engine::STOP_GRACE * 4, subscriptions.idle())
+        .await
+        .is_ok();
+    if !stopped {
+        tracing::error!(
+            running = subscriptions.running(),
+            "subscriptions did not stop after the shutdown deadline; shutting down without them"
+        );
+    }
     let unfinished = subscriptions.take_unfinished();
     let mut report = crate::transport::ShutdownReport::drained();
-    report.drained = in_time && unfinished.is_empty();
+    report.drained = in_time && stopped && unfinished.is_empty();
     report.unfinished = unfinished;
     report
 }

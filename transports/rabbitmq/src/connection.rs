@@ -1,7 +1,10 @@
 //! One connection per transport, re-established with backoff when it
-//! drops; a confirm-mode channel for publishing; topology declarations.
+//! drops; confirm-mode channels for publishing, one per destination;
+//! topology declarations.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use lapin::options::{
@@ -20,50 +23,108 @@ use seambus::transport::support::redact_url;
 use crate::config::{QueueType, RabbitMqConfig};
 use crate::error::{amqp_error, connection_error};
 
-/// Keeps one live connection and the publishing channel.
+/// How long one attempt to connect (TCP, TLS and the AMQP handshake) may
+/// take: a broker that accepts the socket and never answers (one that is
+/// starting, or refuses the vhost) must not hold up every reconnect.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long closing a connection may take.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most publishing lanes kept open; past it idle ones are closed.
+const MAX_LANES: usize = 64;
+
+/// One AMQP connection, opened on demand and again after a loss.
+#[derive(Default)]
+struct Link {
+    current: Mutex<Option<Arc<Connection>>>,
+}
+
+impl Link {
+    /// Closes the connection, waiting a bounded time.
+    async fn close(&self, why: &str) {
+        let current = self.current.lock().await.take();
+        if let Some(c) = current {
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, c.close(200, why.into())).await;
+        }
+    }
+}
+
+/// A publishing lane: its own connection and confirm-mode channel.
+#[derive(Default)]
+struct Lane {
+    link: Link,
+    channel: Mutex<Option<Channel>>,
+}
+
+/// Keeps the connections: one for consuming (and declaring, scanning
+/// dead letters), and one per publishing lane. A lane is an event's
+/// publishes, or one group's retry and dead-letter copies. RabbitMQ's flow
+/// control blocks a whole connection when a queue it publishes to stops
+/// taking messages (a quorum queue without a leader), so one queue's
+/// trouble holds up only the lane that routes to it.
 pub(crate) struct Connector {
     config: RabbitMqConfig,
-    current: Mutex<Option<Arc<Connection>>>,
-    publisher: Mutex<Option<Channel>>,
+    consuming: Link,
+    lanes: std::sync::Mutex<HashMap<String, Arc<Lane>>>,
     closing: CancellationToken,
+    /// The broker was found unreachable and has not been reached since
+    /// (logged once per outage, not once per connection and retry).
+    outage: AtomicBool,
 }
 
 impl Connector {
     pub(crate) fn new(config: RabbitMqConfig, closing: CancellationToken) -> Self {
         Self {
             config,
-            current: Mutex::new(None),
-            publisher: Mutex::new(None),
+            consuming: Link::default(),
+            lanes: std::sync::Mutex::default(),
             closing,
+            outage: AtomicBool::new(false),
         }
     }
 
     async fn connect_once(&self) -> Result<Connection> {
         let uri = &self.config.uri;
-        let result = if uri.starts_with("amqps://") {
-            let runtime = lapin::runtime::default_runtime()
-                .map_err(|e| amqp_error("no async runtime for lapin", e))?;
-            Connection::connect_with_config(
-                uri,
-                self.config.properties(),
-                self.config.tls_config()?,
-                runtime,
-            )
-            .await
-        } else {
-            Connection::connect(uri, self.config.properties()).await
-        };
-        result
+        let connect = async {
+            if uri.starts_with("amqps://") {
+                let runtime = lapin::runtime::default_runtime()
+                    .map_err(|e| amqp_error("no async runtime for lapin", e))?;
+                Connection::connect_with_config(
+                    uri,
+                    self.config.properties(),
+                    self.config.tls_config()?,
+                    runtime,
+                )
+                .await
+            } else {
+                Connection::connect(uri, self.config.properties()).await
+            }
             .map_err(|e| connection_error(format!("cannot connect to {}: {e}", redact_url(uri)), e))
+        };
+        tokio::time::timeout(CONNECT_TIMEOUT, connect)
+            .await
+            .unwrap_or_else(|_| {
+                Err(seambus::Error::new(
+                    seambus::ErrorKind::Connection,
+                    format!(
+                        "cannot connect to {}: no answer within {CONNECT_TIMEOUT:?}",
+                        redact_url(uri)
+                    ),
+                ))
+            })
     }
 
-    /// A live connection: the current one, or a new one, trying with
-    /// backoff until `deadline` (or forever with `None`) unless closing.
+    /// The consuming connection: the current one, or a new one, trying
+    /// with backoff until `deadline` (or forever with `None`) unless
+    /// closing.
     pub(crate) async fn connection(&self, deadline: Option<Instant>) -> Result<Arc<Connection>> {
+        self.connect(&self.consuming, deadline).await
+    }
+
+    async fn connect(&self, link: &Link, deadline: Option<Instant>) -> Result<Arc<Connection>> {
         let mut pause = Duration::from_millis(100);
         loop {
             let error = {
-                let mut current = self.current.lock().await;
+                let mut current = link.current.lock().await;
                 if let Some(c) = current.as_ref().filter(|c| c.status().connected()) {
                     return Ok(c.clone());
                 }
@@ -71,7 +132,11 @@ impl Connector {
                     Ok(c) => {
                         let c = Arc::new(c);
                         *current = Some(c.clone());
-                        tracing::info!(uri = %redact_url(&self.config.uri), "connected to RabbitMQ");
+                        if self.outage.swap(false, SeqCst) {
+                            tracing::info!(uri = %redact_url(&self.config.uri), "RabbitMQ reachable again");
+                        } else {
+                            tracing::debug!(uri = %redact_url(&self.config.uri), "connected to RabbitMQ");
+                        }
                         return Ok(c);
                     }
                     Err(e) => e,
@@ -81,7 +146,11 @@ impl Connector {
             if self.closing.is_cancelled() || deadline.is_some_and(|d| now + pause >= d) {
                 return Err(error);
             }
-            tracing::warn!(%error, ?pause, "RabbitMQ unreachable; retrying");
+            if !self.outage.swap(true, SeqCst) {
+                tracing::warn!(%error, "RabbitMQ unreachable; retrying (said once until it is reached again)");
+            } else {
+                tracing::debug!(%error, ?pause, "RabbitMQ still unreachable; retrying");
+            }
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
                 _ = self.closing.cancelled() => {}
@@ -90,32 +159,102 @@ impl Connector {
         }
     }
 
-    /// The publishing channel (publisher confirms on), re-created after a
-    /// connection or channel loss.
-    pub(crate) async fn publisher(&self, deadline: Option<Instant>) -> Result<Channel> {
-        let mut publisher = self.publisher.lock().await;
-        if let Some(ch) = publisher.as_ref().filter(|c| c.status().connected()) {
+    /// The lane of a publish: the event's own when it goes to the
+    /// transport's exchange, else the group's (retry queues, dead letters
+    /// and redrives are named after the group's work queue).
+    fn lane_of(&self, exchange: &str, routing_key: &str) -> String {
+        if exchange == self.config.exchange {
+            format!("event {routing_key}")
+        } else {
+            let work = routing_key
+                .rsplit_once(":retry:")
+                .map_or(routing_key, |(work, _)| work);
+            format!("group {work}")
+        }
+    }
+
+    /// The publishing channel (publisher confirms on) for `exchange` and
+    /// `routing_key`, re-created after a connection or channel loss.
+    pub(crate) async fn publisher(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        deadline: Option<Instant>,
+    ) -> Result<Channel> {
+        let lane = self.lane(&self.lane_of(exchange, routing_key));
+        let mut channel = lane.channel.lock().await;
+        if let Some(ch) = channel.as_ref().filter(|c| c.status().connected()) {
             return Ok(ch.clone());
         }
-        let connection = self.connection(deadline).await?;
-        let channel = connection
+        let connection = self.connect(&lane.link, deadline).await?;
+        let fresh = connection
             .create_channel()
             .await
             .map_err(|e| amqp_error("open publishing channel", e))?;
-        channel
+        fresh
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .map_err(|e| amqp_error("enable publisher confirms", e))?;
-        *publisher = Some(channel.clone());
-        Ok(channel)
+        *channel = Some(fresh.clone());
+        Ok(fresh)
     }
 
-    /// Closes the connection (shutdown).
-    pub(crate) async fn close(&self) {
-        if let Some(c) = self.current.lock().await.take() {
-            let _ = c.close(200, "shutdown".into()).await;
+    fn lane(&self, name: &str) -> Arc<Lane> {
+        let mut lanes = self.lanes.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(lane) = lanes.get(name) {
+            return lane.clone();
+        }
+        if lanes.len() >= MAX_LANES {
+            // Close the lanes no publish uses right now.
+            lanes.retain(|_, lane| {
+                let busy = Arc::strong_count(lane) > 1;
+                if !busy {
+                    close_in_background(lane.clone(), "idle");
+                }
+                busy
+            });
+        }
+        lanes.entry(name.to_owned()).or_default().clone()
+    }
+
+    /// Gives up the lane of `exchange` and `routing_key` after a publish
+    /// on it was not confirmed in time: its connection may be blocked by
+    /// the queue that did not confirm, so the next publish there opens a
+    /// fresh one.
+    pub(crate) fn discard(&self, exchange: &str, routing_key: &str) {
+        let name = self.lane_of(exchange, routing_key);
+        let lane = self
+            .lanes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&name);
+        if let Some(lane) = lane {
+            close_in_background(lane, "publish not confirmed in time");
         }
     }
+
+    /// Closes every connection (shutdown), each waiting a bounded time.
+    pub(crate) async fn close(&self) {
+        let lanes: Vec<Arc<Lane>> = self
+            .lanes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain()
+            .map(|(_, lane)| lane)
+            .collect();
+        let closing = lanes.iter().map(|lane| lane.link.close("shutdown"));
+        futures_util::future::join(
+            futures_util::future::join_all(closing),
+            self.consuming.close("shutdown"),
+        )
+        .await;
+    }
+}
+
+/// Closes a lane's connection in the background, waiting a bounded time
+/// for the broker's answer.
+fn close_in_background(lane: Arc<Lane>, why: &'static str) {
+    tokio::spawn(async move { lane.link.close(why).await });
 }
 
 /// Names of one group's queues.

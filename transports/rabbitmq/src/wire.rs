@@ -220,7 +220,9 @@ pub(crate) async fn publish_routed(
     let mut pause = std::time::Duration::from_millis(50);
     loop {
         let attempt = async {
-            let channel = connector.publisher(Some(deadline)).await?;
+            let channel = connector
+                .publisher(exchange, routing_key, Some(deadline))
+                .await?;
             let confirm = channel
                 .basic_publish(
                     exchange.into(),
@@ -258,10 +260,17 @@ pub(crate) async fn publish_routed(
             Ok(Ok(routed)) => return Ok(routed),
             Ok(Err(e)) => e,
             Err(_) => {
+                // The connection may be blocked by the queue that did not
+                // confirm: the next publish here gets a fresh one.
+                connector.discard(exchange, routing_key);
                 return Err(Error::new(
                     ErrorKind::Timeout,
-                    format!("publish to `{routing_key}` not confirmed within {timeout:?}"),
-                ))
+                    format!(
+                        "publish to `{routing_key}` on exchange `{exchange}` not confirmed within {timeout:?}: \
+                         a queue it routes to is not taking messages (a quorum queue without a leader, \
+                         a blocked or full queue?); publishes to other destinations are not held up"
+                    ),
+                ));
             }
         };
         if !error.is_retryable() || Instant::now() + pause >= deadline {

@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use seambus::conformance::{block_on, broker_ready, Tally};
+use seambus::conformance::{block_on, Tally};
 use seambus::{Bus, Context, HandlerError, Ordering, Received};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
@@ -21,11 +21,7 @@ struct OrderPlaced {
 
 #[test]
 fn every_id_arrives_across_a_forced_connection_close() {
-    if !broker_ready(&common::Rabbit { restart: false }) {
-        return;
-    }
-    if common::url() != common::LOCAL_URL {
-        eprintln!("SKIPPED: rabbitmqctl controls only the local broker");
+    if !common::local_broker_ready() {
         return;
     }
     block_on(async {

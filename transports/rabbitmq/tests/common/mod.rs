@@ -38,6 +38,20 @@ pub fn unreachable() -> Option<String> {
     }
 }
 
+/// Whether the broker answers and is the local one, which `rabbitmqctl`
+/// controls (a test that stops it or changes it on the node needs it; it
+/// says SKIPPED otherwise).
+pub fn local_broker_ready() -> bool {
+    if !seambus::conformance::broker_ready(&Rabbit { restart: false }) {
+        return false;
+    }
+    if url() != LOCAL_URL {
+        eprintln!("SKIPPED: rabbitmqctl controls only the local broker");
+        return false;
+    }
+    true
+}
+
 /// Transports made per namespace, so cleanup can delete what they declared.
 fn made() -> &'static Mutex<HashMap<String, Vec<RabbitMqTransport>>> {
     static MADE: OnceLock<Mutex<HashMap<String, Vec<RabbitMqTransport>>>> = OnceLock::new();
