@@ -293,7 +293,22 @@ enum Broker {
 }
 
 impl Broker {
+    /// Deletes the groups of every flow (consumer, position, held and
+    /// dead-lettered events), then the namespace's streams, exchanges and
+    /// event topics. Joins no group and consumes nothing.
     async fn delete_state(&self) -> Result<(), BoxError> {
+        let groups = FLOWS.iter().flat_map(|(event, _, handlers)| {
+            handlers
+                .iter()
+                .map(move |module| seambus::transport::GroupId::new(*module, *event))
+        });
+        for group in groups {
+            match self {
+                Self::Nats(t) => t.delete_group(&group).await?,
+                Self::RabbitMq(t) => t.delete_group(&group).await?,
+                Self::Kafka(t, _) => t.delete_group(&group).await?,
+            }
+        }
         match self {
             Self::Nats(t) => t.delete_streams().await?,
             Self::RabbitMq(t) => t.delete_topology().await?,
@@ -308,6 +323,21 @@ impl Broker {
         }
         Ok(())
     }
+}
+
+/// Deletes the namespace's state on every broker the routes name (each
+/// flow's groups with their held and dead-lettered events, then streams,
+/// exchanges and event topics), without starting a module: nothing is
+/// consumed, no group is joined. `tiny-store reset`.
+pub async fn reset(settings: &Settings) -> Result<(), BoxError> {
+    for name in settings.routing.transports() {
+        let connected = settings.transport(name).await?;
+        if let Some(broker) = &connected.broker {
+            broker.delete_state().await?;
+        }
+        connected.transport.shutdown(Duration::from_secs(5)).await?;
+    }
+    Ok(())
 }
 
 /// Every event of the shop: its name, the module that publishes it, and
@@ -440,10 +470,8 @@ impl Shop {
 }
 
 impl Shop {
-    /// Deletes what this shop declared on its brokers (NATS streams,
-    /// RabbitMQ queues and exchanges, Kafka event topics): a reset for demos
-    /// and tests, after [`Shop::shutdown`]. Kafka dead-letter topics are
-    /// kept.
+    /// Deletes the namespace's state on this shop's brokers, as
+    /// [`reset`] does: for demos and tests, after [`Shop::shutdown`].
     pub async fn delete_broker_state(&self) -> Result<(), BoxError> {
         for b in &self.brokers {
             b.delete_state().await?;

@@ -131,10 +131,13 @@ async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
             Command::Run
         });
     if matches!(command, Command::Reset) {
-        // Every module, so every queue is declared and then deleted; data in
-        // memory only, so events consumed meanwhile touch no database.
-        settings = settings.with_modules(&tiny_store::MODULES.join(","))?;
-        settings.database_url = None;
+        // Only deletes: no module starts, nothing is consumed.
+        tiny_store::reset(&settings).await?;
+        println!(
+            "tiny-store: broker state of namespace `{}` deleted",
+            settings.namespace
+        );
+        return Ok(ExitCode::SUCCESS);
     }
     let shop = Arc::new(Shop::start(&settings).await?);
     let routes = if settings.routing.is_empty() {
@@ -190,15 +193,8 @@ async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
             stop.await;
             ExitCode::SUCCESS
         }
-        Command::Reset => {
-            shop.shutdown(Duration::from_secs(10)).await?;
-            shop.delete_broker_state().await?;
-            println!(
-                "tiny-store: broker state of namespace `{}` deleted",
-                settings.namespace
-            );
-            return Ok(ExitCode::SUCCESS);
-        }
+        // Handled above, before any module starts.
+        Command::Reset => ExitCode::SUCCESS,
     };
     shop.shutdown(Duration::from_secs(10)).await?;
     println!("\n{}", shop.summary());

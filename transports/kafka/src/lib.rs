@@ -119,15 +119,60 @@ impl KafkaTransport {
         &self.inner.producer
     }
 
-    /// Deletes topics (by name). For tests and tear-down.
+    /// Deletes topics (by name); one that does not exist is not an error.
+    /// For tests and tear-down.
     pub async fn delete_topics(&self, topics: &[&str]) -> Result<()> {
-        self.inner
+        use rdkafka::types::RDKafkaErrorCode as Code;
+        let results = self
+            .inner
             .topics
             .admin()
             .delete_topics(topics, &rdkafka::admin::AdminOptions::new())
             .await
             .map_err(|e| kafka_error("delete topics", e))?;
+        for result in results {
+            match result {
+                Ok(topic) | Err((topic, Code::UnknownTopicOrPartition)) => {
+                    self.inner.topics.forget(&topic)
+                }
+                Err((topic, code)) => {
+                    return Err(kafka_error(
+                        &format!("delete topic {topic}"),
+                        rdkafka::error::KafkaError::AdminOp(code),
+                    ))
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// Deletes one group: its consumer group (committed offsets) and its
+    /// dead-letter topic, without joining it: for a subscription that is
+    /// retired, or a reset. The event topics stay for the other groups.
+    /// Deleting a group that does not exist is Ok. There is no undo; the
+    /// broker refuses to delete a group that still has members.
+    pub async fn delete_group(&self, group: &GroupId) -> Result<()> {
+        use rdkafka::types::RDKafkaErrorCode as Code;
+        let admin = self.inner.topics.admin();
+        let options = rdkafka::admin::AdminOptions::new();
+        let group_id = self.inner.config.group_id(group);
+        let results = admin
+            .delete_groups(&[group_id.as_str()], &options)
+            .await
+            .map_err(|e| kafka_error(&format!("delete consumer group {group_id}"), e))?;
+        for result in results {
+            match result {
+                Ok(_) | Err((_, Code::GroupIdNotFound)) => {}
+                Err((_, code)) => {
+                    return Err(kafka_error(
+                        &format!("delete consumer group {group_id}"),
+                        rdkafka::error::KafkaError::AdminOp(code),
+                    ))
+                }
+            }
+        }
+        let topic = self.inner.config.dead_letter_topic(group);
+        self.delete_topics(&[topic.as_str()]).await
     }
 
     /// Every record of the group's dead-letter topic, oldest first.

@@ -35,6 +35,14 @@ impl Topics {
         })
     }
 
+    /// Forgets that `topic` exists (it was deleted).
+    pub(crate) fn forget(&self, topic: &str) {
+        self.known
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(topic);
+    }
+
     pub(crate) async fn ensure(&self, topic: &str) -> Result<()> {
         if self
             .known

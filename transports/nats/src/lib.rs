@@ -164,6 +164,40 @@ impl NatsTransport {
         Ok(())
     }
 
+    /// Deletes one group: its durable consumer (where it stands in the
+    /// stream, what it holds) and its dead letters, without subscribing:
+    /// for a subscription that is retired, or a reset. The events stay in
+    /// the stream for the other groups. Deleting a group that does not
+    /// exist is Ok. There is no undo.
+    pub async fn delete_group(&self, group: &GroupId) -> Result<()> {
+        let name = consumer_name(group);
+        let stream = &self.inner.config.stream.name;
+        if let Err(e) = self
+            .inner
+            .js
+            .delete_consumer_from_stream(&name, stream)
+            .await
+        {
+            if !e.to_string().contains("not found") {
+                return Err(api_error(&format!("delete consumer {name}"), e));
+            }
+        }
+        let dead = self.inner.config.dead_letter_stream();
+        match self.inner.js.get_stream(&dead).await {
+            Ok(stream) => {
+                let subject = dead_letter_subject(&self.inner.config.subject_prefix, group);
+                stream
+                    .purge()
+                    .filter(subject)
+                    .await
+                    .map_err(|e| api_error(&format!("purge the dead letters of {group}"), e))?;
+            }
+            Err(e) if e.to_string().contains("not found") => {}
+            Err(e) => return Err(api_error(&format!("get stream {dead}"), e)),
+        }
+        Ok(())
+    }
+
     /// The group's stored dead letters with their stream sequences.
     async fn stored_dead_letters(
         &self,

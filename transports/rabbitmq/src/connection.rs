@@ -120,6 +120,16 @@ impl Connector {
         self.connect(&self.consuming, deadline).await
     }
 
+    /// A new channel on the consuming connection (declarations, scans,
+    /// deletions), waiting for the connection as long as it takes.
+    pub(crate) async fn channel(&self) -> Result<Channel> {
+        self.connection(None)
+            .await?
+            .create_channel()
+            .await
+            .map_err(|e| amqp_error("open channel", e))
+    }
+
     async fn connect(&self, link: &Link, deadline: Option<Instant>) -> Result<Arc<Connection>> {
         let mut pause = Duration::from_millis(100);
         loop {
@@ -275,6 +285,11 @@ impl GroupQueues {
             retry_prefix: format!("{work}:retry:"),
             work,
         }
+    }
+
+    /// Whether `queue` is one of the group's queues.
+    pub(crate) fn holds(&self, queue: &str) -> bool {
+        queue == self.work || queue == self.dead || queue.starts_with(&self.retry_prefix)
     }
 
     /// The queue that holds events before attempt `next_attempt`.

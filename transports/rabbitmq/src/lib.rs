@@ -36,6 +36,10 @@ use crate::wire::{
     DL_PREFIX,
 };
 
+/// The retry queues [`RabbitMqTransport::delete_group`] deletes: those of
+/// attempts 2 to this.
+const RETRY_QUEUES_SWEPT: u32 = 64;
+
 /// A [`Transport`] over RabbitMQ. See the crate docs for the mapping.
 #[derive(Clone)]
 pub struct RabbitMqTransport {
@@ -119,11 +123,7 @@ impl RabbitMqTransport {
     /// Deletes the queues of the groups this transport subscribed, and the
     /// exchanges. For tests and tear-down; there is no undo.
     pub async fn delete_topology(&self) -> Result<()> {
-        let connection = self.inner.connector.connection(None).await?;
-        let channel = connection
-            .create_channel()
-            .await
-            .map_err(|e| amqp_error("open channel", e))?;
+        let channel = self.inner.connector.channel().await?;
         let queues: Vec<String> = lock(&self.inner.declared).iter().cloned().collect();
         for queue in queues {
             channel
@@ -141,6 +141,32 @@ impl RabbitMqTransport {
                 .map_err(|e| amqp_error(&format!("delete exchange {exchange}"), e))?;
         }
         let _ = channel.close(200, "deleted".into()).await;
+        Ok(())
+    }
+
+    /// Deletes one group's queues (work, dead-letter, and retry queues up
+    /// to attempt 64), its events and dead letters with them, without
+    /// subscribing: for a subscription that is retired, or a reset. Deleting a group that does
+    /// not exist is Ok. There is no undo; a process still consuming from
+    /// the group loses its consumer and declares the queues again.
+    pub async fn delete_group(&self, group: &GroupId) -> Result<()> {
+        let queues = GroupQueues::new(&self.inner.config.exchange, group);
+        let channel = self.inner.connector.channel().await?;
+        // Deleting a queue that does not exist is Ok on RabbitMQ, so the
+        // retry queues are deleted up to attempt `RETRY_QUEUES_SWEPT`
+        // whatever the subscription's max attempts were.
+        let names = [queues.work.clone(), queues.dead.clone()]
+            .into_iter()
+            .chain((2..=RETRY_QUEUES_SWEPT).map(|n| queues.retry(n)));
+        for queue in names {
+            channel
+                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                .await
+                .map_err(|e| amqp_error(&format!("delete queue {queue}"), e))?;
+        }
+        let _ = channel.close(200, "deleted".into()).await;
+        let mut declared = lock(&self.inner.declared);
+        declared.retain(|q| !queues.holds(q));
         Ok(())
     }
 
@@ -165,11 +191,7 @@ impl RabbitMqTransport {
             .clone();
         let _turn = turn.lock().await;
         let queues = GroupQueues::new(&self.inner.config.exchange, group);
-        let connection = self.inner.connector.connection(None).await?;
-        let channel = connection
-            .create_channel()
-            .await
-            .map_err(|e| amqp_error("open channel", e))?;
+        let channel = self.inner.connector.channel().await?;
         let mut seen = Vec::new();
         let result = async {
             loop {
