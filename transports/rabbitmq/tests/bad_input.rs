@@ -235,6 +235,57 @@ fn an_unreachable_broker_is_a_retryable_connection_error_without_the_password() 
     });
 }
 
+/// Queues that exist with other arguments than this configuration
+/// declares (classic queues, a quorum configuration): subscribing fails at
+/// once with a configuration error that says retrying cannot help, naming
+/// the queue and the argument.
+#[test]
+fn inequivalent_queues_are_a_configuration_error_not_retryable() {
+    if !ready() {
+        return;
+    }
+    block_on(async {
+        let ns = seambus::conformance::namespace("inequivalent");
+        let classic = RabbitMqTransport::connect(
+            common::config(&ns).with_queue_type(seambus_rabbitmq::QueueType::Classic),
+        )
+        .await
+        .unwrap();
+        async fn subscribe(bus: &Bus) -> seambus::Result<seambus::Subscription> {
+            bus.module("billing")
+                .subscribe(
+                    |_e: seambus::Received<OrderCancelled>, _ctx: seambus::Context| async {
+                        Ok::<(), seambus::HandlerError>(())
+                    },
+                )
+                .await
+        }
+        let first = Bus::builder()
+            .transport("rabbitmq", classic.clone())
+            .build()
+            .unwrap();
+        subscribe(&first).await.unwrap().close().await.unwrap();
+        let quorum = Bus::builder()
+            .transport("rabbitmq", common::transport(&ns).await)
+            .build()
+            .unwrap();
+        let err = subscribe(&quorum)
+            .await
+            .expect_err("the queues exist as classic queues");
+        assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+        assert!(!err.is_retryable(), "{err}");
+        assert!(err.to_string().contains("x-queue-type"), "{err}");
+        assert!(
+            err.to_string().contains("billing:orders.order_cancelled"),
+            "{err}"
+        );
+        first.shutdown(Duration::from_secs(5)).await.unwrap();
+        quorum.shutdown(Duration::from_secs(5)).await.unwrap();
+        let _ = classic.delete_topology().await;
+        common::cleanup(&ns).await;
+    });
+}
+
 /// CloudEvents from other producers, as the AMQP binding allows them: the
 /// `cloudEvents_` prefix, the SDKs' `ce-`, a `time` sent as an AMQP
 /// timestamp, an `id` that is not a UUID. All are handled. An attribute
