@@ -49,8 +49,8 @@ impl Link {
 }
 
 /// A publishing lane: its own connection and confirm-mode channel.
-#[derive(Default)]
-struct Lane {
+pub(crate) struct Lane {
+    name: String,
     link: Link,
     channel: Mutex<Option<Channel>>,
 }
@@ -183,15 +183,39 @@ impl Connector {
         }
     }
 
-    /// The publishing channel (publisher confirms on) for `exchange` and
-    /// `routing_key`, re-created after a connection or channel loss.
+    /// The publishing lane for `exchange` and `routing_key`.
+    pub(crate) fn lane(&self, exchange: &str, routing_key: &str) -> Arc<Lane> {
+        let name = self.lane_of(exchange, routing_key);
+        let mut lanes = self.lanes.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(lane) = lanes.get(&name) {
+            return lane.clone();
+        }
+        if lanes.len() >= MAX_LANES {
+            // Close the lanes no publish uses right now.
+            lanes.retain(|_, lane| {
+                let busy = Arc::strong_count(lane) > 1;
+                if !busy {
+                    close_in_background(lane.clone(), "idle");
+                }
+                busy
+            });
+        }
+        let lane = Arc::new(Lane {
+            name: name.clone(),
+            link: Link::default(),
+            channel: Mutex::new(None),
+        });
+        lanes.insert(name, lane.clone());
+        lane
+    }
+
+    /// The lane's publishing channel (publisher confirms on), re-created
+    /// after a connection or channel loss.
     pub(crate) async fn publisher(
         &self,
-        exchange: &str,
-        routing_key: &str,
+        lane: &Lane,
         deadline: Option<Instant>,
     ) -> Result<Channel> {
-        let lane = self.lane(&self.lane_of(exchange, routing_key));
         let mut channel = lane.channel.lock().await;
         if let Some(ch) = channel.as_ref().filter(|c| c.status().connected()) {
             return Ok(ch.clone());
@@ -209,37 +233,15 @@ impl Connector {
         Ok(fresh)
     }
 
-    fn lane(&self, name: &str) -> Arc<Lane> {
+    /// Gives up `lane` after a publish on it was not confirmed in time: its
+    /// connection may be blocked by the queue that did not confirm, so the
+    /// next publish there opens a fresh one. A lane already replaced stays
+    /// replaced (publishes timing out late do not close the new one).
+    pub(crate) fn discard(&self, lane: &Arc<Lane>) {
         let mut lanes = self.lanes.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(lane) = lanes.get(name) {
-            return lane.clone();
-        }
-        if lanes.len() >= MAX_LANES {
-            // Close the lanes no publish uses right now.
-            lanes.retain(|_, lane| {
-                let busy = Arc::strong_count(lane) > 1;
-                if !busy {
-                    close_in_background(lane.clone(), "idle");
-                }
-                busy
-            });
-        }
-        lanes.entry(name.to_owned()).or_default().clone()
-    }
-
-    /// Gives up the lane of `exchange` and `routing_key` after a publish
-    /// on it was not confirmed in time: its connection may be blocked by
-    /// the queue that did not confirm, so the next publish there opens a
-    /// fresh one.
-    pub(crate) fn discard(&self, exchange: &str, routing_key: &str) {
-        let name = self.lane_of(exchange, routing_key);
-        let lane = self
-            .lanes
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&name);
-        if let Some(lane) = lane {
-            close_in_background(lane, "publish not confirmed in time");
+        if lanes.get(&lane.name).is_some_and(|l| Arc::ptr_eq(l, lane)) {
+            lanes.remove(&lane.name);
+            close_in_background(lane.clone(), "publish not confirmed in time");
         }
     }
 

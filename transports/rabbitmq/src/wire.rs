@@ -219,10 +219,10 @@ pub(crate) async fn publish_routed(
     let deadline = Instant::now() + timeout;
     let mut pause = std::time::Duration::from_millis(50);
     loop {
+        // Taken again on every try: a lane given up meanwhile is replaced.
+        let lane = connector.lane(exchange, routing_key);
         let attempt = async {
-            let channel = connector
-                .publisher(exchange, routing_key, Some(deadline))
-                .await?;
+            let channel = connector.publisher(&lane, Some(deadline)).await?;
             let confirm = channel
                 .basic_publish(
                     exchange.into(),
@@ -262,7 +262,7 @@ pub(crate) async fn publish_routed(
             Err(_) => {
                 // The connection may be blocked by the queue that did not
                 // confirm: the next publish here gets a fresh one.
-                connector.discard(exchange, routing_key);
+                connector.discard(&lane);
                 return Err(Error::new(
                     ErrorKind::Timeout,
                     format!(
