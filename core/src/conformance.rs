@@ -45,7 +45,7 @@ use uuid::Uuid;
 
 pub use libtest_mimic;
 
-use crate::transport::{Capabilities, DeadLetterReason, Ordering, Transport};
+use crate::transport::{Capabilities, DeadLetterReason, GroupId, Ordering, Transport};
 use crate::{
     Attributes, Bus, Context, Envelope, ErrorKind, HandlerError, PublishOptions, Received,
     RetryPolicy,
@@ -72,6 +72,19 @@ pub trait Harness: Send + Sync {
     /// again if it is dropped half-way (a failed case), so later tests find
     /// it running.
     fn restart_broker(&self) -> Option<BoxFuture<'static, ()>> {
+        None
+    }
+
+    /// A future that deletes `group` of the transport for `namespace`
+    /// (the broker crate's own `delete_group`), for case 23. `None` (the
+    /// default): the transport cannot delete a group, and the case is
+    /// reported ignored. The future must do nothing until polled.
+    fn delete_group(
+        &self,
+        namespace: &str,
+        group: &GroupId,
+    ) -> Option<BoxFuture<'static, crate::Result<()>>> {
+        let _ = (namespace, group);
         None
     }
 
@@ -1814,6 +1827,56 @@ pub async fn where_a_new_group_starts(h: &dyn Harness) {
     finish(h, &ns, &bus).await;
 }
 
+/// Case 23: a deleted group is gone with everything it held: subscribed
+/// again, it has no dead letters, the event that waited for it while it
+/// was closed never arrives, and it receives what is published after.
+pub async fn deleted_group_starts_afresh(h: &dyn Harness) {
+    let ns = namespace("deletegroup");
+    let bus = bus_on(h.transport(&ns).await);
+    let refusing = bus
+        .module("retired")
+        .subscribe(|_p: Received<Ping>, _ctx: Context| async {
+            Err::<(), _>(HandlerError::reject("refused"))
+        })
+        .await
+        .unwrap();
+    publish_pings(&bus, 1, 1, 1).await;
+    poll_until("the refused event in the group's dead letters", || async {
+        !refusing.dead_letters().await.unwrap().is_empty()
+    })
+    .await;
+    refusing.close().await.unwrap();
+    // Waits for the closed group (one key: it would be handled before the
+    // event published after the delete).
+    let waiting = publish_pings(&bus, 1, 1, 1).await;
+    let group = GroupId::new("retired", "conformance.ping");
+    h.delete_group(&ns, &group)
+        .expect("the case applies only where the harness deletes groups")
+        .await
+        .expect("delete the group");
+    let tally = Tally::new();
+    let again = bus
+        .module("retired")
+        .subscribe(record_into::<Ping>(&tally))
+        .await
+        .expect("subscribe the deleted group again");
+    let after = publish_pings(&bus, 1, 1, 1).await;
+    tally
+        .wait_for_all("the event published after the delete", &after)
+        .await;
+    let seen = tally.snapshot();
+    assert!(
+        waiting.iter().all(|id| !seen.contains_key(id)),
+        "the event that waited for the group arrived after the group was deleted"
+    );
+    let dead = again.dead_letters().await.expect("list dead letters");
+    assert!(
+        dead.is_empty(),
+        "dead letters survived the delete: {dead:?}"
+    );
+    finish(h, &ns, &bus).await;
+}
+
 /// Case 19: publishing an event that no group subscribes to is Ok, before
 /// anything is declared and while other groups exist; the flow goes on.
 pub async fn unrouted_publish_is_ok(h: &dyn Harness) {
@@ -2399,6 +2462,22 @@ pub fn cases() -> Vec<Case> {
         ),
         case!("c19_unrouted_publish_is_ok", unrouted_publish_is_ok, always),
         case!("c20_payload_size_limit", payload_size_limit, always),
+        case!(
+            "c23_deleted_group_starts_afresh",
+            deleted_group_starts_afresh,
+            |c, h| {
+                needs(
+                    h.delete_group("probe", &GroupId::new("probe", "probe"))
+                        .is_some(),
+                    "the harness does not delete groups of this broker (Harness::delete_group)",
+                )?;
+                needs(c.dead_letter_store, "no dead-letter store")?;
+                needs(
+                    !c.replay,
+                    "a new group replays the events the transport keeps",
+                )
+            }
+        ),
         case!(
             "c21_dead_letters_listed_concurrently",
             dead_letters_listed_concurrently,

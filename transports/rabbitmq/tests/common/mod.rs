@@ -84,6 +84,20 @@ pub struct Rabbit {
 
 #[async_trait::async_trait]
 impl Harness for Rabbit {
+    fn delete_group(
+        &self,
+        namespace: &str,
+        group: &seambus::transport::GroupId,
+    ) -> Option<BoxFuture<'static, seambus::Result<()>>> {
+        let (namespace, group) = (namespace.to_owned(), group.clone());
+        Some(Box::pin(async move {
+            let t = RabbitMqTransport::connect(config(&namespace)).await?;
+            let deleted = t.delete_group(&group).await;
+            let _ = t.shutdown(Duration::from_secs(5)).await;
+            deleted
+        }))
+    }
+
     async fn transport(&self, namespace: &str) -> Arc<dyn Transport> {
         Arc::new(transport(namespace).await)
     }
