@@ -127,6 +127,29 @@ impl Drop for Suspended {
     }
 }
 
+/// Shipping's subscription to `OrderCancelled`, with the numbers it
+/// handled.
+async fn shipping(
+    bus: &Bus,
+) -> (
+    seambus::Subscription,
+    tokio::sync::mpsc::UnboundedReceiver<u64>,
+) {
+    let (handled, rx) = tokio::sync::mpsc::unbounded_channel();
+    let subscription = bus
+        .module("shipping")
+        .subscribe(move |e: Received<OrderCancelled>, _ctx: Context| {
+            let handled = handled.clone();
+            async move {
+                let _ = handled.send(e.seq);
+                Ok::<(), HandlerError>(())
+            }
+        })
+        .await
+        .unwrap();
+    (subscription, rx)
+}
+
 #[test]
 fn a_stuck_queue_holds_up_only_the_publishes_routed_to_it() {
     if !common::local_broker_ready() {
@@ -151,18 +174,7 @@ fn a_stuck_queue_holds_up_only_the_publishes_routed_to_it() {
             })
             .await
             .unwrap();
-        let (handled, mut handled_rx) = tokio::sync::mpsc::unbounded_channel();
-        let _cancelled = bus
-            .module("shipping")
-            .subscribe(move |e: Received<OrderCancelled>, _ctx: Context| {
-                let handled = handled.clone();
-                async move {
-                    let _ = handled.send(e.seq);
-                    Ok::<(), HandlerError>(())
-                }
-            })
-            .await
-            .unwrap();
+        let (_cancelled, mut handled_rx) = shipping(&bus).await;
         let orders = bus.module("orders");
 
         let stuck = format!("t-{ns}:billing:orders.order_placed");
@@ -233,18 +245,7 @@ fn shutdown_returns_when_the_broker_stops_answering() {
             .transport("rabbitmq", transport.clone())
             .build()
             .unwrap();
-        let (handled, mut handled_rx) = tokio::sync::mpsc::unbounded_channel();
-        let _s = bus
-            .module("shipping")
-            .subscribe(move |e: Received<OrderCancelled>, _ctx: Context| {
-                let handled = handled.clone();
-                async move {
-                    let _ = handled.send(e.seq);
-                    Ok::<(), HandlerError>(())
-                }
-            })
-            .await
-            .unwrap();
+        let (_s, mut handled_rx) = shipping(&bus).await;
         bus.module("orders")
             .publish(OrderCancelled { seq: 1 })
             .await
