@@ -169,17 +169,17 @@ impl Connector {
         }
     }
 
-    /// The lane of a publish: the event's own when it goes to the
-    /// transport's exchange, else the group's (retry queues, dead letters
-    /// and redrives are named after the group's work queue).
-    fn lane_of(&self, exchange: &str, routing_key: &str) -> String {
+    /// The lane of a publish, named after the event when it goes to the
+    /// transport's exchange, else after the group's work queue (retry
+    /// queues, dead letters and redrives are named after it). Event names
+    /// hold no `:` and work queues do, so the names never meet.
+    fn lane_of<'a>(&self, exchange: &str, routing_key: &'a str) -> &'a str {
         if exchange == self.config.exchange {
-            format!("event {routing_key}")
+            routing_key
         } else {
-            let work = routing_key
+            routing_key
                 .rsplit_once(":retry:")
-                .map_or(routing_key, |(work, _)| work);
-            format!("group {work}")
+                .map_or(routing_key, |(work, _)| work)
         }
     }
 
@@ -187,7 +187,7 @@ impl Connector {
     pub(crate) fn lane(&self, exchange: &str, routing_key: &str) -> Arc<Lane> {
         let name = self.lane_of(exchange, routing_key);
         let mut lanes = self.lanes.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(lane) = lanes.get(&name) {
+        if let Some(lane) = lanes.get(name) {
             return lane.clone();
         }
         if lanes.len() >= MAX_LANES {
@@ -201,11 +201,11 @@ impl Connector {
             });
         }
         let lane = Arc::new(Lane {
-            name: name.clone(),
+            name: name.to_owned(),
             link: Link::default(),
             channel: Mutex::new(None),
         });
-        lanes.insert(name, lane.clone());
+        lanes.insert(name.to_owned(), lane.clone());
         lane
     }
 
