@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 mod config;
+mod context;
 mod error;
 mod publisher;
 mod source;
@@ -26,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 pub use config::{KafkaConfig, Security};
+pub use context::ClientLog;
 
 use crate::error::kafka_error;
 use crate::publisher::{send, Topics};
@@ -55,7 +57,9 @@ impl std::fmt::Debug for KafkaTransport {
 
 pub(crate) struct Inner {
     pub(crate) config: KafkaConfig,
-    pub(crate) producer: FutureProducer,
+    pub(crate) producer: FutureProducer<ClientLog>,
+    /// The clients' log, shared (an outage is said once).
+    pub(crate) log: ClientLog,
     pub(crate) topics: Topics,
     pub(crate) closing: CancellationToken,
     pub(crate) stop: CancellationToken,
@@ -79,9 +83,10 @@ impl KafkaTransport {
                 config.publish_timeout.as_millis().max(1).to_string(),
             )
             .set("message.max.bytes", config.message_max_bytes.to_string());
-        let producer: FutureProducer = config
+        let log = ClientLog::default();
+        let producer: FutureProducer<ClientLog> = config
             .finish(producer)
-            .create()
+            .create_with_context(log.clone())
             .map_err(|e| kafka_error("create producer", e))?;
         let probe = producer.clone();
         let timeout = config.publish_timeout.min(Duration::from_secs(10));
@@ -94,11 +99,12 @@ impl KafkaTransport {
                     e,
                 )
             })?;
-        let topics = Topics::new(&config)?;
+        let topics = Topics::new(&config, &log)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
                 producer,
+                log,
                 topics,
                 closing: CancellationToken::new(),
                 stop: CancellationToken::new(),
@@ -115,7 +121,7 @@ impl KafkaTransport {
     }
 
     /// The producer, for anything this crate does not cover.
-    pub fn producer(&self) -> &FutureProducer {
+    pub fn producer(&self) -> &FutureProducer<ClientLog> {
         &self.inner.producer
     }
 
@@ -187,11 +193,11 @@ impl KafkaTransport {
             )
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "false");
-        let reader: BaseConsumer = self
+        let reader: BaseConsumer<ClientLog> = self
             .inner
             .config
             .finish(client)
-            .create()
+            .create_with_context(self.inner.log.clone())
             .map_err(|e| kafka_error("create dead-letter reader", e))?;
         let timeout = self.inner.config.publish_timeout;
         tokio::task::spawn_blocking(move || read_all(&reader, &topic, timeout))
@@ -229,7 +235,11 @@ impl KafkaTransport {
 }
 
 /// Reads a topic from its start to its current end.
-fn read_all(reader: &BaseConsumer, topic: &str, timeout: Duration) -> Result<Vec<OwnedMessage>> {
+fn read_all(
+    reader: &BaseConsumer<ClientLog>,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Vec<OwnedMessage>> {
     let metadata = reader
         .fetch_metadata(Some(topic), timeout)
         .map_err(|e| kafka_error(&format!("metadata of {topic}"), e))?;
@@ -362,7 +372,9 @@ impl Transport for KafkaTransport {
             headers,
             self.inner.config.publish_timeout,
         )
-        .await
+        .await?;
+        self.inner.log.reached();
+        Ok(())
     }
 
     async fn subscribe(

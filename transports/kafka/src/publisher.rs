@@ -4,7 +4,6 @@ use std::collections::HashSet;
 use std::sync::Mutex;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -12,20 +11,21 @@ use seambus::{Error, ErrorKind, Result};
 
 use crate::config::KafkaConfig;
 use crate::error::kafka_error;
+use crate::ClientLog;
 
 /// Creates topics once per process (idempotently on the broker).
 pub(crate) struct Topics {
-    admin: AdminClient<DefaultClientContext>,
+    admin: AdminClient<ClientLog>,
     known: Mutex<HashSet<String>>,
     partitions: i32,
     replication: i32,
 }
 
 impl Topics {
-    pub(crate) fn new(config: &KafkaConfig) -> Result<Self> {
+    pub(crate) fn new(config: &KafkaConfig, log: &ClientLog) -> Result<Self> {
         let admin = config
             .finish(config.client_config())
-            .create()
+            .create_with_context(log.clone())
             .map_err(|e| kafka_error("create admin client", e))?;
         Ok(Self {
             admin,
@@ -89,14 +89,14 @@ impl Topics {
         Ok(())
     }
 
-    pub(crate) fn admin(&self) -> &AdminClient<DefaultClientContext> {
+    pub(crate) fn admin(&self) -> &AdminClient<ClientLog> {
         &self.admin
     }
 }
 
 /// Sends one record and waits for its delivery report.
 pub(crate) async fn send(
-    producer: &FutureProducer,
+    producer: &FutureProducer<ClientLog>,
     topic: &str,
     key: Option<&[u8]>,
     payload: &[u8],

@@ -24,6 +24,7 @@ use tokio::sync::Notify;
 use crate::error::kafka_error;
 use crate::publisher::send;
 use crate::wire::{attempt_of, dead_letter_headers, envelope_of, for_other_group, header_pairs};
+use crate::ClientLog;
 use crate::Inner;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -48,12 +49,21 @@ impl Assignment {
     }
 }
 
-/// Rebalance hooks.
+/// Rebalance hooks, and the transport's client log.
 pub(crate) struct GroupContext {
     assignment: Arc<Assignment>,
+    log: ClientLog,
 }
 
-impl ClientContext for GroupContext {}
+impl ClientContext for GroupContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        self.log.log(level, fac, log_message);
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        self.log.error(error, reason);
+    }
+}
 
 impl ConsumerContext for GroupContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -199,13 +209,14 @@ pub(crate) async fn subscribe(
     let consumer: StreamConsumer<GroupContext> = client
         .create_with_context(GroupContext {
             assignment: assignment.clone(),
+            log: inner.log.clone(),
         })
         .map_err(|e| kafka_error("create consumer", e))?;
     if !config.replays() {
         // A short-lived client of the group, never a member, so the
         // group's own consumer joins untouched.
-        let pinner: BaseConsumer = client
-            .create()
+        let pinner: BaseConsumer<ClientLog> = client
+            .create_with_context(inner.log.clone())
             .map_err(|e| kafka_error("create consumer", e))?;
         let name = topic.clone();
         tokio::task::spawn_blocking(move || pin_new_group(&pinner, &name))
@@ -294,7 +305,7 @@ const PIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// the group (also when another member gets the partition first). A group
 /// with committed offsets is left as it is. A commit the broker refuses
 /// because the group is running already is harmless: its members commit.
-fn pin_new_group(consumer: &BaseConsumer, topic: &str) -> KafkaResult<()> {
+fn pin_new_group(consumer: &BaseConsumer<ClientLog>, topic: &str) -> KafkaResult<()> {
     let metadata = consumer.fetch_metadata(Some(topic), PIN_TIMEOUT)?;
     let mut all = TopicPartitionList::new();
     for t in metadata.topics().iter().filter(|t| t.name() == topic) {
@@ -344,7 +355,18 @@ impl engine::Source for KafkaSource {
                 received = self.group.consumer.recv() => received,
                 _ = self.group.assignment.revoked.notified() => return Ok(Fetch::Revoked),
             };
-            let record = received.map_err(|e| kafka_error("receive", e))?.detach();
+            let log = &self.group.consumer.context().log;
+            let record = match received {
+                Ok(record) => record.detach(),
+                // librdkafka reconnects on its own: said once, not once per
+                // fetch.
+                Err(e) if ClientLog::is_outage(&e) => {
+                    log.unreachable(&e.to_string());
+                    continue;
+                }
+                Err(e) => return Err(kafka_error("receive", e)),
+            };
+            log.reached();
             let (partition, offset) = (record.partition(), record.offset());
             let Some(epoch) = self.group.assignment.epoch(partition) else {
                 continue;
