@@ -490,7 +490,7 @@ mod nats {
                         ack_policy: AckPolicy::Explicit,
                         deliver_policy: DeliverPolicy::All,
                         ack_wait: Duration::from_secs(30),
-                        max_deliver: -1,
+                        max_deliver: 21,
                         max_ack_pending: 256,
                         ..Default::default()
                     })

@@ -167,16 +167,14 @@ pub struct NatsConfig {
     /// worker's events come back. Default 30 s.
     #[serde(with = "humantime_serde")]
     pub ack_wait: Duration,
-    /// The server's own cap on deliveries per event; `-1` (default) for none.
-    /// Seambus counts attempts itself and dead-letters after the
-    /// subscription's `max_attempts`; a cap below that would make the server
-    /// stop redelivering silently.
-    pub max_deliver: i64,
     /// Deliveries of one event after which it is dead-lettered as a crash
     /// loop (processes dying or stopping while they held it). Counted by
-    /// the server, so it includes shutdowns: keep it well above
-    /// `max_attempts`. The attempt itself travels in a header and never
-    /// grows on a shutdown. Default 100.
+    /// the server, so it includes shutdowns; the attempt itself travels in
+    /// a header and never grows on a shutdown, and retries are not
+    /// redeliveries. The server's own cap (`max_deliver`) is one more, so
+    /// that a message the client library cannot even read stops coming
+    /// back (each delivery of one costs a reconnect) and is dead-lettered
+    /// from the server's advisory. Default 20.
     pub delivery_limit: u32,
     /// Events of one group held at once by one process (the consumer's
     /// `max_ack_pending` and the fetch batch). Default 256.
@@ -203,8 +201,7 @@ impl Default for NatsConfig {
             subject_prefix: "seambus".into(),
             stream: StreamSettings::default(),
             ack_wait: Duration::from_secs(30),
-            max_deliver: -1,
-            delivery_limit: 100,
+            delivery_limit: 20,
             max_in_flight: 256,
             publish_timeout: Duration::from_secs(30),
             connection_name: Some("seambus".into()),
@@ -223,7 +220,6 @@ impl fmt::Debug for NatsConfig {
             .field("subject_prefix", &self.subject_prefix)
             .field("stream", &self.stream)
             .field("ack_wait", &self.ack_wait)
-            .field("max_deliver", &self.max_deliver)
             .field("delivery_limit", &self.delivery_limit)
             .field("max_in_flight", &self.max_in_flight)
             .field("publish_timeout", &self.publish_timeout)
@@ -263,6 +259,12 @@ impl NatsConfig {
     /// Sets the ack wait.
     pub fn with_ack_wait(mut self, ack_wait: Duration) -> Self {
         self.ack_wait = ack_wait;
+        self
+    }
+
+    /// Sets [`NatsConfig::delivery_limit`].
+    pub fn with_delivery_limit(mut self, n: u32) -> Self {
+        self.delivery_limit = n;
         self
     }
 
@@ -330,10 +332,8 @@ impl NatsConfig {
         if self.max_in_flight == 0 || self.max_in_flight > i64::MAX as usize {
             return Err(config_error("max_in_flight must be at least 1"));
         }
-        if self.max_deliver == 0 || self.max_deliver < -1 {
-            return Err(config_error(
-                "max_deliver must be -1 (no cap) or at least 1",
-            ));
+        if self.delivery_limit == 0 || self.delivery_limit == u32::MAX {
+            return Err(config_error("delivery_limit must be at least 1"));
         }
         if self.ack_wait < Duration::from_millis(100) {
             return Err(config_error("ack_wait must be at least 100 ms"));

@@ -169,6 +169,55 @@ pub(crate) fn dead_letter_of(group: &GroupId, headers: &HeaderMap, payload: Byte
     )
 }
 
+/// Reads a header block as the server stores it (`NATS/1.0`, then one
+/// `name: value` line each, continuation lines indented) by the rules the
+/// client applies on delivery. Returns the headers it could read and, when
+/// the client could not read the block, why (naming lines, never quoting
+/// them: they may hold payload values).
+pub(crate) fn read_header_block(raw: &[u8]) -> (HeaderMap, Option<String>) {
+    use async_nats::header::{HeaderName, HeaderValue};
+    use std::str::FromStr;
+    let mut headers = HeaderMap::new();
+    let Ok(text) = std::str::from_utf8(raw) else {
+        return (headers, Some("its header block is not UTF-8".into()));
+    };
+    let mut lines = text.lines().enumerate().peekable();
+    if !lines
+        .next()
+        .is_some_and(|(_, version)| version.starts_with("NATS/1.0"))
+    {
+        return (
+            headers,
+            Some("its header block does not start with NATS/1.0".into()),
+        );
+    }
+    let mut unreadable = Vec::new();
+    while let Some((n, line)) = lines.next() {
+        if line.is_empty() {
+            continue;
+        }
+        let mut value = String::new();
+        let name = line.split_once(':').and_then(|(name, first)| {
+            value.push_str(first.trim_start());
+            HeaderName::from_str(name).ok()
+        });
+        while let Some((_, more)) = lines.next_if(|(_, l)| l.starts_with(char::is_whitespace)) {
+            value.push_str(more);
+        }
+        match (name, HeaderValue::from_str(value.trim_end())) {
+            (Some(name), Ok(value)) => headers.append(name, value),
+            _ => unreadable.push((n + 1).to_string()),
+        }
+    }
+    let why = (!unreadable.is_empty()).then(|| {
+        format!(
+            "its header block cannot be read (line {} not a `name: value` header); dropped from the dead letter",
+            unreadable.join(", ")
+        )
+    });
+    (headers, why)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -210,5 +259,22 @@ mod tests {
     fn a_plain_message_is_not_an_envelope() {
         let err = envelope_of(None, Bytes::from_static(b"hello")).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Decode);
+    }
+
+    #[test]
+    fn header_blocks_are_read_by_the_clients_rules() {
+        let (h, why) = read_header_block(b"NATS/1.0\r\nce-id: 1\r\nx-long: a\r\n b\r\n\r\n");
+        assert_eq!(why, None);
+        assert_eq!(h.get("ce-id").map(|v| v.as_str()), Some("1"));
+        assert_eq!(h.get("x-long").map(|v| v.as_str()), Some("a b"));
+        let (h, why) = read_header_block(b"NATS/1.0\r\nce-id: 1\r\nsecret value\r\n\r\n");
+        let why = why.expect("unreadable");
+        assert!(why.contains("line 3"), "{why}");
+        assert!(!why.contains("secret"), "{why}");
+        assert_eq!(h.get("ce-id").map(|v| v.as_str()), Some("1"));
+        assert!(read_header_block(b"HTTP/1.1\r\n\r\n").1.is_some());
+        assert!(read_header_block(b"NATS/1.0\r\n\xff: x\r\n\r\n")
+            .1
+            .is_some());
     }
 }

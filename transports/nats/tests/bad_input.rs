@@ -240,24 +240,7 @@ fn a_message_too_large_to_dead_letter_whole_is_dead_lettered_as_too_large() {
             .expect("the server takes the message")
             .await
             .expect("stored");
-        let good = bus
-            .module("orders")
-            .publish(OrderPlaced {
-                id: 1,
-                note: "fine".into(),
-            })
-            .await
-            .unwrap();
-        tally
-            .wait_for_all("the event after it", &HashSet::from([good]))
-            .await;
-        poll_until("the too-large dead letter", || async {
-            !sub.dead_letters().await.unwrap().is_empty()
-        })
-        .await;
-        let dead = sub.dead_letters().await.unwrap();
-        assert_eq!(dead.len(), 1, "{dead:?}");
-        let dl = &dead[0];
+        let dl = &the_flow_goes_on_past_one_dead_letter(&bus, &tally, &sub).await;
         assert_eq!(dl.reason, DeadLetterReason::TooLarge);
         assert_eq!(dl.envelope.id(), id);
         assert!(dl.error.contains("undecodable"), "{}", dl.error);
@@ -278,6 +261,35 @@ fn a_message_too_large_to_dead_letter_whole_is_dead_lettered_as_too_large() {
         bus.shutdown(Duration::from_secs(5)).await.unwrap();
         common::Nats { restart: false }.cleanup(&ns).await;
     });
+}
+
+/// Publishes a good event, waits until it is handled and the one dead
+/// letter the subscription should have is there, and returns it.
+async fn the_flow_goes_on_past_one_dead_letter(
+    bus: &Bus,
+    tally: &Tally,
+    sub: &seambus::Subscription,
+) -> seambus::transport::DeadLetter {
+    let good = bus
+        .module("orders")
+        .publish(OrderPlaced {
+            id: 1,
+            note: "fine".into(),
+        })
+        .await
+        .unwrap();
+    tally
+        .wait_for_all("the event after it", &HashSet::from([good]))
+        .await;
+    // A listing may fail while the client reconnects (a message it cannot
+    // read drops its connection): retryable, so asked again.
+    poll_until("the dead letter", || async {
+        sub.dead_letters().await.is_ok_and(|d| !d.is_empty())
+    })
+    .await;
+    let mut dead = sub.dead_letters().await.unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    dead.remove(0)
 }
 
 /// A foreign CloudEvent whose `id` is not a UUID (the spec allows any
@@ -323,6 +335,101 @@ fn a_foreign_event_with_a_non_uuid_id_is_handled() {
         tally
             .wait_for_all("the foreign event", &HashSet::from([id]))
             .await;
+        bus.shutdown(Duration::from_secs(5)).await.unwrap();
+        common::Nats { restart: false }.cleanup(&ns).await;
+    });
+}
+
+/// Publishes with the NATS protocol itself (no client library, which would
+/// refuse these headers): `HPUB` with `header_block` as it is, waiting for
+/// JetStream's ack. Returns the stream sequence.
+fn publish_raw(subject: &str, header_block: &[u8], payload: &[u8]) -> u64 {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let addr = common::url()
+        .trim_start_matches("nats://")
+        .rsplit('@')
+        .next()
+        .unwrap()
+        .to_owned();
+    let stream = std::net::TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).expect("INFO");
+    let mut w = stream;
+    write!(
+        w,
+        "CONNECT {{\"verbose\":false,\"headers\":true,\"protocol\":1}}\r\nSUB raw-ack 1\r\nHPUB {subject} raw-ack {} {}\r\n",
+        header_block.len(),
+        header_block.len() + payload.len()
+    )
+    .unwrap();
+    w.write_all(header_block).unwrap();
+    w.write_all(payload).unwrap();
+    w.write_all(b"\r\n").unwrap();
+    w.flush().unwrap();
+    loop {
+        line.clear();
+        reader.read_line(&mut line).expect("the stream's ack");
+        if let Some(args) = line.strip_prefix("MSG ") {
+            let len: usize = args.split_whitespace().last().unwrap().parse().unwrap();
+            let mut body = vec![0; len + 2];
+            reader.read_exact(&mut body).unwrap();
+            let ack: serde_json::Value = serde_json::from_slice(&body[..len]).unwrap();
+            return ack["seq"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("not stored: {ack}"));
+        }
+    }
+}
+
+/// A header block async-nats cannot read (a line without a colon, as an
+/// unescaped line break in a value gives) makes the client drop its
+/// connection on every delivery, so Seambus never sees the message. The
+/// server's delivery limit stops the redeliveries and its advisory names
+/// the message, which is then read from the stream as it is stored and
+/// dead-lettered as undecodable; the flow goes on.
+#[test]
+fn a_message_whose_headers_the_client_cannot_read_is_dead_lettered() {
+    if !ready() {
+        return;
+    }
+    block_on(async {
+        let ns = seambus::conformance::namespace("badheaders");
+        let config = common::config(&ns)
+            .with_ack_wait(Duration::from_secs(1))
+            .with_delivery_limit(2);
+        let transport = NatsTransport::connect(config).await.unwrap();
+        let bus = Bus::builder().transport("nats", transport).build().unwrap();
+        let tally = Tally::new();
+        let sub = bus
+            .module("billing")
+            .subscribe(seambus::conformance::record_into::<OrderPlaced>(&tally))
+            .await
+            .unwrap();
+        let subject = format!("t-{ns}.orders.order_placed");
+        let raw = "NATS/1.0\r\nce-specversion: 1.0\r\nce-correlationid: abc\r\ndef\r\n\r\n";
+        tokio::task::spawn_blocking(move || {
+            publish_raw(&subject, raw.as_bytes(), br#"{"id":9,"note":"x"}"#)
+        })
+        .await
+        .unwrap();
+        let dl = &the_flow_goes_on_past_one_dead_letter(&bus, &tally, &sub).await;
+        assert_eq!(dl.reason, DeadLetterReason::Undecodable);
+        assert!(dl.error.contains("header"), "{}", dl.error);
+        assert!(!dl.error.contains("def"), "no header text: {}", dl.error);
+        assert_eq!(
+            dl.envelope.payload_bytes().map(|p| p.to_vec()),
+            Some(br#"{"id":9,"note":"x"}"#.to_vec())
+        );
+        assert_eq!(sub.stats().dead_lettered, 1);
+        assert_eq!(
+            tally.distinct(),
+            1,
+            "the unreadable message reached no handler"
+        );
         bus.shutdown(Duration::from_secs(5)).await.unwrap();
         common::Nats { restart: false }.cleanup(&ns).await;
     });

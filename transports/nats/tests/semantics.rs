@@ -136,3 +136,47 @@ fn redrive_reaches_only_the_group_that_dead_lettered() {
         harness().cleanup(&ns).await;
     });
 }
+
+/// Subscribing updates the group's consumer to the transport's settings:
+/// one created without a delivery limit (as before there was one) gets it.
+#[test]
+fn subscribing_sets_the_delivery_limit_on_an_existing_consumer() {
+    if !broker_ready(&harness()) {
+        return;
+    }
+    block_on(async {
+        use async_nats::jetstream::consumer::pull;
+        let ns = seambus::conformance::namespace("maxdeliver");
+        let transport = common::transport(&ns).await;
+        let js = async_nats::jetstream::new(transport.client().clone());
+        let bus = Bus::builder().transport("nats", transport).build().unwrap();
+        let subscribe = || async {
+            bus.module("billing")
+                .subscribe(|_e: Received<OrderPlaced>, _ctx: Context| async {
+                    Ok::<_, HandlerError>(())
+                })
+                .await
+                .unwrap()
+        };
+        subscribe().await.close().await.unwrap();
+        let stream = js.get_stream(format!("T_{ns}")).await.unwrap();
+        let mut names = stream.consumer_names();
+        let name = futures_util::StreamExt::next(&mut names)
+            .await
+            .unwrap()
+            .unwrap();
+        let mut consumer = stream.get_consumer::<pull::Config>(&name).await.unwrap();
+        let mut old = consumer.cached_info().config.clone();
+        old.max_deliver = -1;
+        stream.create_consumer(old).await.unwrap();
+        assert_eq!(consumer.info().await.unwrap().config.max_deliver, -1);
+        let _sub = subscribe().await;
+        let limit = common::config(&ns).delivery_limit;
+        assert_eq!(
+            consumer.info().await.unwrap().config.max_deliver,
+            i64::from(limit) + 1
+        );
+        bus.shutdown(Duration::from_secs(5)).await.unwrap();
+        harness().cleanup(&ns).await;
+    });
+}
