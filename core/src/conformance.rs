@@ -115,6 +115,17 @@ pub fn brokers_required() -> bool {
     std::env::var("SEAMBUS_REQUIRE_BROKERS").is_ok_and(|v| v == "1")
 }
 
+/// Runs `script` with `args` (a test's broker control, e.g. this
+/// repository's `scripts/broker stop nats`) and panics, naming both, when
+/// it cannot be run or fails.
+pub fn run_script(script: &str, args: &[&str]) {
+    let status = std::process::Command::new(script)
+        .args(args)
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run {script}: {e}"));
+    assert!(status.success(), "{script} {}: {status}", args.join(" "));
+}
+
 /// Whether a broker test may run (for a crate's own tests beside the
 /// suite): false (with a loud message) when the harness's broker is
 /// unavailable; panics instead when `SEAMBUS_REQUIRE_BROKERS=1`.

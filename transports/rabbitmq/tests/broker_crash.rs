@@ -63,14 +63,8 @@ async fn quorum_queues_declared_just_before_kill_9_take_publishes_after_it() {
         .unwrap();
     }
     tokio::task::spawn_blocking(|| {
-        for action in ["kill", "start"] {
-            let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/broker");
-            let status = std::process::Command::new(script)
-                .args([action, "rabbitmq"])
-                .status()
-                .unwrap();
-            assert!(status.success(), "scripts/broker {action} rabbitmq");
-        }
+        common::broker("kill");
+        common::broker("start");
     })
     .await
     .unwrap();

@@ -4,7 +4,6 @@
 #![allow(dead_code, unreachable_pub)]
 
 use std::net::{TcpStream, ToSocketAddrs};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -50,17 +49,10 @@ pub async fn transport(namespace: &str) -> KafkaTransport {
         .expect("connect to Kafka")
 }
 
-fn broker_script() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/kafka-broker")
-}
-
-/// `scripts/kafka-broker <action>` (the local tansu the test suite runs).
+/// `scripts/kafka-broker ACTION` (the local tansu the test suite runs).
 pub fn broker(action: &str) {
-    let status = std::process::Command::new(broker_script())
-        .arg(action)
-        .status()
-        .expect("run scripts/kafka-broker");
-    assert!(status.success(), "scripts/kafka-broker {action}: {status}");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/kafka-broker");
+    seambus::conformance::run_script(script, &[action]);
 }
 
 pub struct Kafka {

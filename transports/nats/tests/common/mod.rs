@@ -82,16 +82,17 @@ impl Harness for Nats {
     }
 
     fn restart_broker(&self) -> Option<BoxFuture<'static, ()>> {
-        (self.restart && url() == LOCAL_URL && std::path::Path::new(NATS_SERVER).exists()).then(
-            || {
-                Box::pin(async {
-                    // Whatever happens (a failed case drops this half-way),
-                    // the server is left running.
-                    let _restore = RestoreServer;
-                    restart_local_server().await
-                }) as BoxFuture<'static, ()>
-            },
-        )
+        (self.restart
+            && url() == LOCAL_URL
+            && std::path::Path::new("/usr/sbin/nats-server").exists())
+        .then(|| {
+            Box::pin(async {
+                // Whatever happens (a failed case drops this half-way),
+                // the server is left running.
+                let _restore = RestoreServer;
+                restart_local_server().await
+            }) as BoxFuture<'static, ()>
+        })
     }
 
     fn restart_events(&self) -> u64 {
@@ -99,53 +100,18 @@ impl Harness for Nats {
     }
 }
 
-const NATS_SERVER: &str = "/usr/sbin/nats-server";
-
-/// Stops the local server (started from the Debian package) and starts it
-/// again with the same command, then waits until it answers.
-pub async fn restart_local_server() {
-    tokio::task::spawn_blocking(|| {
-        let status = std::process::Command::new("start-stop-daemon")
-            .args(["--stop", "--oknodo", "--retry", "10", "--exec", NATS_SERVER])
-            .status()
-            .expect("run start-stop-daemon --stop");
-        assert!(status.success(), "stopping nats-server failed: {status}");
-        start_local_server();
-    })
-    .await
-    .expect("restart task");
+/// `scripts/broker ACTION nats` (the Debian package's server, with the
+/// documented commands).
+pub fn server(action: &str) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/broker");
+    seambus::conformance::run_script(script, &[action, "nats"]);
 }
 
-/// The documented start command; waits up to 30 s for the port.
-pub fn start_local_server() {
-    let status = std::process::Command::new("start-stop-daemon")
-        .args([
-            "--start",
-            "--oknodo",
-            "--background",
-            "--exec",
-            NATS_SERVER,
-            "--",
-            "-a",
-            "127.0.0.1",
-            "-p",
-            "4222",
-            "-js",
-            "-sd",
-            "/var/lib/nats-server",
-            "-l",
-            "/var/log/nats-server.log",
-        ])
-        .status()
-        .expect("run start-stop-daemon --start");
-    assert!(status.success(), "starting nats-server failed: {status}");
-    for _ in 0..300 {
-        if unreachable().is_none() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("nats-server did not come back on 127.0.0.1:4222");
+/// Stops the local server and starts it again, then waits until it answers.
+pub async fn restart_local_server() {
+    tokio::task::spawn_blocking(|| server("restart"))
+        .await
+        .expect("restart task");
 }
 
 /// Starts the local server again when dropped, if a test left it stopped.
@@ -154,7 +120,7 @@ pub struct RestoreServer;
 impl Drop for RestoreServer {
     fn drop(&mut self) {
         if url() == LOCAL_URL && unreachable().is_some() {
-            start_local_server();
+            server("start");
         }
     }
 }

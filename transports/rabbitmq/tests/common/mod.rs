@@ -126,43 +126,19 @@ impl Harness for Rabbit {
     }
 }
 
-/// `rabbitmqctl stop`, then `rabbitmq-server -detached` and
-/// `rabbitmqctl await_startup`.
-pub async fn restart_local_broker() {
-    tokio::task::spawn_blocking(|| {
-        let status = std::process::Command::new("rabbitmqctl")
-            .arg("stop")
-            .status()
-            .expect("run rabbitmqctl stop");
-        assert!(status.success(), "rabbitmqctl stop failed: {status}");
-        start_local_broker();
-    })
-    .await
-    .expect("restart task");
+/// `scripts/broker ACTION rabbitmq` (the Debian package's node, with
+/// `rabbitmqctl` and `rabbitmq-server -detached`).
+pub fn broker(action: &str) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/broker");
+    seambus::conformance::run_script(script, &[action, "rabbitmq"]);
 }
 
-pub fn start_local_broker() {
-    let status = std::process::Command::new("rabbitmq-server")
-        .arg("-detached")
-        .status()
-        .expect("run rabbitmq-server -detached");
-    assert!(
-        status.success(),
-        "rabbitmq-server -detached failed: {status}"
-    );
-    // The node takes a few seconds to boot; `await_startup` fails at once
-    // while it cannot reach it, so wait for the port first.
-    for _ in 0..600 {
-        if unreachable().is_none() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let status = std::process::Command::new("rabbitmqctl")
-        .args(["--timeout", "120", "await_startup"])
-        .status()
-        .expect("run rabbitmqctl await_startup");
-    assert!(status.success(), "RabbitMQ did not start: {status}");
+/// Stops the local broker cleanly and starts it again, waiting until it
+/// has booted.
+pub async fn restart_local_broker() {
+    tokio::task::spawn_blocking(|| broker("restart"))
+        .await
+        .expect("restart task");
 }
 
 /// Starts the local broker again when dropped, if a test left it stopped.
@@ -171,7 +147,7 @@ pub struct RestoreBroker;
 impl Drop for RestoreBroker {
     fn drop(&mut self) {
         if url() == LOCAL_URL && unreachable().is_some() {
-            start_local_broker();
+            broker("start");
         }
     }
 }
