@@ -50,7 +50,8 @@ fn queue_process(queue: &str) -> String {
 }
 
 /// The Erlang expression giving the reader processes of the connections
-/// named `name`: suspended, the broker reads nothing more from them (it
+/// named `name` (a connection still in its handshake has no client
+/// properties yet, `none`): suspended, the broker reads nothing more from them (it
 /// still sends heartbeats, so the client sees a live connection that
 /// answers nothing).
 fn connection_readers(name: &str) -> String {
@@ -58,7 +59,7 @@ fn connection_readers(name: &str) -> String {
         "[P || I <- rabbit_networking:connection_info_all([pid, client_properties]), \
                {{pid, P}} <- [lists:keyfind(pid, 1, I)], \
                {{client_properties, C}} <- [lists:keyfind(client_properties, 1, I)], \
-               lists:member({{<<\"connection_name\">>, longstr, <<\"{name}\">>}}, C)]"
+               is_list(C), lists:member({{<<\"connection_name\">>, longstr, <<\"{name}\">>}}, C)]"
     )
 }
 
