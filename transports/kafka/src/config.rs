@@ -91,6 +91,14 @@ pub struct KafkaConfig {
     /// line when it moves again). Default 60 s.
     #[serde(with = "humantime_serde")]
     pub stall_warning: Duration,
+    /// Deliveries of one record to its group after which it is
+    /// dead-lettered as a crash loop (processes dying, or stopping, while
+    /// they held it). Counted on the broker, in the metadata of the
+    /// group's committed offset, for the record at that offset (the oldest
+    /// one not settled: where a crash loop sits), and committed before the
+    /// record is handled, so a crash counts. Rebalances that move the
+    /// partition while that record is held count too. Default 20.
+    pub delivery_limit: u32,
     /// Largest record, payload and headers (`message.max.bytes`); bigger
     /// ones are refused before sending. Default 1,000,000.
     pub message_max_bytes: usize,
@@ -124,6 +132,7 @@ impl Default for KafkaConfig {
             max_in_flight: 256,
             publish_timeout: Duration::from_secs(30),
             stall_warning: Duration::from_secs(60),
+            delivery_limit: 20,
             message_max_bytes: 1_000_000,
             auto_offset_reset: "latest".into(),
             idempotence: true,
@@ -171,6 +180,7 @@ impl fmt::Debug for KafkaConfig {
             .field("max_in_flight", &self.max_in_flight)
             .field("publish_timeout", &self.publish_timeout)
             .field("stall_warning", &self.stall_warning)
+            .field("delivery_limit", &self.delivery_limit)
             .field("message_max_bytes", &self.message_max_bytes)
             .field("auto_offset_reset", &self.auto_offset_reset)
             .field("idempotence", &self.idempotence)
@@ -214,6 +224,12 @@ impl KafkaConfig {
     /// Sets [`KafkaConfig::stall_warning`].
     pub fn with_stall_warning(mut self, after: Duration) -> Self {
         self.stall_warning = after;
+        self
+    }
+
+    /// Sets [`KafkaConfig::delivery_limit`].
+    pub fn with_delivery_limit(mut self, deliveries: u32) -> Self {
+        self.delivery_limit = deliveries;
         self
     }
 
@@ -268,6 +284,9 @@ impl KafkaConfig {
         }
         if self.max_in_flight == 0 {
             return Err(config_error("max_in_flight must be at least 1"));
+        }
+        if self.delivery_limit == 0 {
+            return Err(config_error("delivery_limit must be at least 1"));
         }
         if !matches!(self.auto_offset_reset.as_str(), "latest" | "earliest") {
             return Err(config_error(

@@ -117,16 +117,22 @@ struct Group {
 }
 
 impl Group {
-    /// Counts a fetched record as held.
-    fn hold(&self, partition: i32, offset: i64, epoch: u64) {
+    /// Counts a fetched record as held; true for the first record of its
+    /// partition in this assignment (the one at the committed offset).
+    fn hold(&self, partition: i32, offset: i64, epoch: u64) -> bool {
         let mut offsets = lock(&self.offsets);
-        let state = offsets.entry(partition).or_insert(Offsets {
-            epoch,
-            in_flight: BTreeSet::new(),
-            next: offset,
-            stored: offset,
+        let mut first = false;
+        let state = offsets.entry(partition).or_insert_with(|| {
+            first = true;
+            Offsets {
+                epoch,
+                in_flight: BTreeSet::new(),
+                next: offset,
+                stored: offset,
+            }
         });
         if state.epoch != epoch {
+            first = true;
             // Assigned anew: start over from what the group committed.
             *state = Offsets {
                 epoch,
@@ -137,6 +143,44 @@ impl Group {
         }
         state.in_flight.insert(offset);
         state.next = state.next.max(offset + 1);
+        first
+    }
+
+    /// Counts one more delivery of the record at `offset`, the first of
+    /// its partition in this assignment, on the broker: the committed
+    /// offset's metadata holds the deliveries of the record at that
+    /// offset. Committed (synchronously; blocking) before the record is
+    /// handled, so a process that dies while handling it has counted it.
+    /// Returns the deliveries, this one included.
+    fn count_delivery(&self, partition: i32, offset: i64) -> u32 {
+        let mut asked = TopicPartitionList::new();
+        asked.add_partition(&self.topic, partition);
+        let before = self
+            .consumer
+            .committed_offsets(asked, COUNT_TIMEOUT)
+            .ok()
+            .and_then(|c| {
+                let e = c.find_partition(&self.topic, partition)?;
+                (e.offset() == Offset::Offset(offset))
+                    .then(|| e.metadata().strip_prefix(DELIVERIES)?.parse::<u32>().ok())
+                    .flatten()
+            })
+            .unwrap_or(0);
+        let deliveries = before.saturating_add(1);
+        let mut count = TopicPartitionList::new();
+        count
+            .add_partition(&self.topic, partition)
+            .set_offset(Offset::Offset(offset))
+            .and_then(|()| {
+                if let Some(mut e) = count.find_partition(&self.topic, partition) {
+                    e.set_metadata(format!("{DELIVERIES}{deliveries}"));
+                }
+                self.consumer.commit(&count, CommitMode::Sync)
+            })
+            .unwrap_or_else(|e| {
+                tracing::debug!(group = %self.group, partition, error = %e, "delivery count not committed");
+            });
+        deliveries
     }
 
     /// A record is settled: store the offset after the longest settled
@@ -244,8 +288,12 @@ pub(crate) async fn subscribe(
         group: group.clone(),
         dead_topic,
     });
-    let source = KafkaSource { group, group_id };
-    let limits = Limits::new(config.max_in_flight);
+    let source = KafkaSource {
+        group,
+        group_id,
+        counting: None,
+    };
+    let limits = Limits::new(config.max_in_flight).with_delivery_limit(Some(config.delivery_limit));
     let host = Host {
         subscriptions: &inner.subscriptions,
         closing: &inner.closing,
@@ -329,6 +377,11 @@ fn pin_new_group(consumer: &BaseConsumer<ClientLog>, topic: &str) -> KafkaResult
     Ok(())
 }
 
+/// The prefix of the committed offset's metadata that counts deliveries.
+const DELIVERIES: &str = "seambus-deliveries=";
+/// How long counting a delivery may wait for the broker.
+const COUNT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A record this process holds, with the assignment epoch it came in.
 pub(crate) struct Held {
     record: OwnedMessage,
@@ -339,6 +392,23 @@ pub(crate) struct Held {
 struct KafkaSource {
     group: Arc<Group>,
     group_id: String,
+    /// The first record of a partition's assignment while its delivery is
+    /// counted (kept here: fetch may be cancelled meanwhile).
+    counting: Option<(Held, tokio::task::JoinHandle<u32>)>,
+}
+
+impl KafkaSource {
+    fn fetched(held: Held, delivered: Option<u32>) -> Fetch<Held> {
+        let envelope = envelope_of(&held.pairs, held.record.payload().unwrap_or_default())
+            .map_err(|e| e.message().to_owned());
+        let attempt = attempt_of(&held.pairs);
+        Fetch::Message(Fetched {
+            token: held,
+            envelope,
+            attempt,
+            delivered,
+        })
+    }
 }
 
 #[async_trait]
@@ -351,6 +421,11 @@ impl engine::Source for KafkaSource {
 
     async fn fetch(&mut self) -> Result<Fetch<Held>> {
         loop {
+            if let Some((_, task)) = self.counting.as_mut() {
+                let delivered = task.await.unwrap_or(1);
+                let (held, _) = self.counting.take().expect("counting");
+                return Ok(Self::fetched(held, Some(delivered)));
+            }
             let received = tokio::select! {
                 received = self.group.consumer.recv() => received,
                 _ = self.group.assignment.revoked.notified() => return Ok(Fetch::Revoked),
@@ -371,25 +446,26 @@ impl engine::Source for KafkaSource {
             let Some(epoch) = self.group.assignment.epoch(partition) else {
                 continue;
             };
-            self.group.hold(partition, offset, epoch);
+            let first = self.group.hold(partition, offset, epoch);
             let pairs = header_pairs(record.headers());
             if for_other_group(&pairs, &self.group_id) {
                 self.group.settle(partition, offset, epoch);
                 continue;
             }
-            let envelope = envelope_of(&pairs, record.payload().unwrap_or_default())
-                .map_err(|e| e.message().to_owned());
-            let attempt = attempt_of(&pairs);
-            return Ok(Fetch::Message(Fetched {
-                token: Held {
-                    record,
-                    epoch,
-                    pairs,
-                },
-                envelope,
-                attempt,
-                delivered: None,
-            }));
+            let held = Held {
+                record,
+                epoch,
+                pairs,
+            };
+            if !first {
+                return Ok(Self::fetched(held, None));
+            }
+            // Only the first record of an assignment is counted: it sits at
+            // the committed offset, which is where a record that takes its
+            // consumers down every time stays.
+            let group = self.group.clone();
+            let task = tokio::task::spawn_blocking(move || group.count_delivery(partition, offset));
+            self.counting = Some((held, task));
         }
     }
 
