@@ -206,17 +206,8 @@ impl BusBuilder {
     /// [`Layer`](tower::Layer) (see [`crate::layer`]): the first layer added
     /// sees each event first, and bus layers come before a subscription's
     /// own ([`SubscribeBuilder::layer`]).
-    pub fn layer<L>(mut self, layer: L) -> Self
-    where
-        L: tower::Layer<crate::layer::HandlerService> + Send + Sync + 'static,
-        L::Service: tower::Service<crate::layer::Request, Response = (), Error = crate::HandlerError>
-            + Clone
-            + Send
-            + Sync
-            + 'static,
-        <L::Service as tower::Service<crate::layer::Request>>::Future: Send + 'static,
-    {
-        self.layers.push(crate::layer::erase(layer));
+    pub fn layer(mut self, layer: impl crate::layer::HandlerLayer) -> Self {
+        self.layers.push(std::sync::Arc::new(layer));
         self
     }
 
@@ -756,17 +747,8 @@ impl<E, H, T, S> SubscribeBuilder<E, H, T, S> {
     /// Wraps this subscription's handler in a tower
     /// [`Layer`](tower::Layer) (see [`crate::layer`]), inside the bus's
     /// layers; the first added sees each event first.
-    pub fn layer<L>(mut self, layer: L) -> Self
-    where
-        L: tower::Layer<crate::layer::HandlerService> + Send + Sync + 'static,
-        L::Service: tower::Service<crate::layer::Request, Response = (), Error = crate::HandlerError>
-            + Clone
-            + Send
-            + Sync
-            + 'static,
-        <L::Service as tower::Service<crate::layer::Request>>::Future: Send + 'static,
-    {
-        self.layers.push(crate::layer::erase(layer));
+    pub fn layer(mut self, layer: impl crate::layer::HandlerLayer) -> Self {
+        self.layers.push(std::sync::Arc::new(layer));
         self
     }
 

@@ -104,19 +104,30 @@ impl Request {
 /// handler.
 pub type HandlerService = BoxCloneSyncService<Request, (), HandlerError>;
 
-/// A layer, type-erased for the bus.
-pub(crate) type LayerFn = Arc<dyn Fn(HandlerService) -> HandlerService + Send + Sync>;
+/// A tower layer that fits around a handler: its service takes a
+/// [`Request`] and answers `Result<(), HandlerError>`, and can be cloned
+/// and shared. Implemented for every such [`Layer`]; this is what
+/// [`BusBuilder::layer`](crate::BusBuilder::layer) and
+/// [`SubscribeBuilder::layer`](crate::SubscribeBuilder::layer) take.
+pub trait HandlerLayer: Send + Sync + 'static {
+    /// Wraps `inner`, the rest of the pipeline.
+    fn wrap(&self, inner: HandlerService) -> HandlerService;
+}
 
-/// Erases a tower layer.
-pub(crate) fn erase<L>(layer: L) -> LayerFn
+impl<L> HandlerLayer for L
 where
     L: Layer<HandlerService> + Send + Sync + 'static,
     L::Service:
         Service<Request, Response = (), Error = HandlerError> + Clone + Send + Sync + 'static,
     <L::Service as Service<Request>>::Future: Send + 'static,
 {
-    Arc::new(move |inner| BoxCloneSyncService::new(layer.layer(inner)))
+    fn wrap(&self, inner: HandlerService) -> HandlerService {
+        BoxCloneSyncService::new(self.layer(inner))
+    }
 }
+
+/// A layer, type-erased for the bus.
+pub(crate) type LayerFn = Arc<dyn HandlerLayer>;
 
 /// The layers of one subscription around its innermost step.
 pub(crate) struct Stack {
@@ -132,7 +143,7 @@ impl Stack {
     {
         let mut service = BoxCloneSyncService::new(tower::service_fn(innermost));
         for layer in layers.iter().rev() {
-            service = layer(service);
+            service = layer.wrap(service);
         }
         Self { service }
     }
