@@ -132,6 +132,25 @@ pub async fn call_guarded(
     }
 }
 
+/// The dead-letter headers every broker transport writes, by name (the
+/// transport adds its prefix, e.g. `seambus-dl-`, and where the event was
+/// published): `reason`, `error`, `attempts`, `time` (now), `group` and
+/// `id`, the names [`dead_letter_from`] reads back.
+pub fn dead_letter_fields(
+    verdict: &crate::transport::engine::Verdict,
+    group: &crate::transport::GroupId,
+    id: uuid::Uuid,
+) -> [(&'static str, String); 6] {
+    [
+        ("reason", verdict.reason.as_str().to_owned()),
+        ("error", verdict.error.clone()),
+        ("attempts", verdict.attempts.to_string()),
+        ("time", chrono::Utc::now().to_rfc3339()),
+        ("group", group.to_string()),
+        ("id", id.to_string()),
+    ]
+}
+
 /// A dead letter read back from a broker: `get(name)` returns the
 /// transport's dead-letter header `name` (`reason`, `error`,
 /// `attempts`, `time`, `id`, and `origin`, where the event was

@@ -3,7 +3,7 @@
 
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use seambus::transport::engine::Verdict;
-use seambus::transport::support::starts_with_ignore_case;
+use seambus::transport::support::{dead_letter_fields, starts_with_ignore_case};
 use seambus::transport::GroupId;
 use seambus::{Attributes, Envelope, Result};
 
@@ -107,18 +107,12 @@ pub(crate) fn dead_letter_headers(
         });
     }
     let (topic, partition, offset) = origin;
-    let dl = [
-        ("reason", verdict.reason.as_str().to_owned()),
-        ("error", verdict.error.clone()),
-        ("attempts", verdict.attempts.to_string()),
-        ("time", chrono::Utc::now().to_rfc3339()),
-        ("group", group.to_string()),
+    let origin = [
         ("topic", topic.to_owned()),
         ("partition", partition.to_string()),
         ("offset", offset.to_string()),
-        ("id", id.to_string()),
     ];
-    for (name, value) in &dl {
+    for (name, value) in dead_letter_fields(verdict, group, id).iter().chain(&origin) {
         let key = format!("{DL_PREFIX}{name}");
         headers = headers.insert(Header {
             key: &key,

@@ -3,7 +3,7 @@
 
 use async_nats::header::HeaderMap;
 use bytes::Bytes;
-use seambus::transport::support::{dead_letter_from, starts_with_ignore_case};
+use seambus::transport::support::{dead_letter_fields, dead_letter_from, starts_with_ignore_case};
 use seambus::transport::{engine::Verdict, DeadLetter, GroupId};
 use seambus::{Attributes, Envelope, Result};
 
@@ -59,13 +59,9 @@ pub(crate) fn envelope_of(headers: Option<&HeaderMap>, payload: Bytes) -> Result
 
 /// Header naming the only group a redriven event is for.
 pub(crate) const REDRIVE_GROUP: &str = "seambus-redrive-group";
-pub(crate) const DL_REASON: &str = "seambus-dl-reason";
-pub(crate) const DL_ERROR: &str = "seambus-dl-error";
-pub(crate) const DL_ATTEMPTS: &str = "seambus-dl-attempts";
-pub(crate) const DL_TIME: &str = "seambus-dl-time";
-pub(crate) const DL_GROUP: &str = "seambus-dl-group";
+/// Prefix of the dead-letter headers.
+pub(crate) const DL_PREFIX: &str = "seambus-dl-";
 pub(crate) const DL_SUBJECT: &str = "seambus-dl-subject";
-pub(crate) const DL_ID: &str = "seambus-dl-id";
 
 /// The durable consumer of a group. Consumer names cannot hold `.`, and
 /// our names never hold `~`, so `.` becomes `~` and `~~` joins module and
@@ -119,13 +115,10 @@ pub(crate) fn dead_letter_headers(
         None => original.cloned().unwrap_or_default(),
     };
     let id = envelope.map_or_else(uuid::Uuid::now_v7, Envelope::id);
-    headers.insert(DL_REASON, verdict.reason.as_str());
-    headers.insert(DL_ERROR, verdict.error.as_str());
-    headers.insert(DL_ATTEMPTS, verdict.attempts.to_string());
-    headers.insert(DL_TIME, chrono::Utc::now().to_rfc3339());
-    headers.insert(DL_GROUP, group.to_string());
+    for (name, value) in dead_letter_fields(verdict, group, id) {
+        headers.insert(format!("{DL_PREFIX}{name}"), value);
+    }
     headers.insert(DL_SUBJECT, subject);
-    headers.insert(DL_ID, id.to_string());
     headers.insert(MSG_ID, msg_id);
     headers
 }
@@ -136,7 +129,7 @@ pub(crate) fn redrive_headers(stored: &HeaderMap, consumer: &str, msg_id: &str) 
     let mut headers = HeaderMap::new();
     for (name, values) in stored.iter() {
         let name: &str = name.as_ref();
-        if starts_with_ignore_case(name, "seambus-dl-") || name.eq_ignore_ascii_case(ATTEMPT) {
+        if starts_with_ignore_case(name, DL_PREFIX) || name.eq_ignore_ascii_case(ATTEMPT) {
             continue;
         }
         for value in values {
@@ -156,15 +149,10 @@ pub(crate) fn dead_letter_of(group: &GroupId, headers: &HeaderMap, payload: Byte
         &payload,
         |name| {
             let header = match name {
-                "reason" => DL_REASON,
-                "error" => DL_ERROR,
-                "attempts" => DL_ATTEMPTS,
-                "time" => DL_TIME,
-                "id" => DL_ID,
-                "origin" => DL_SUBJECT,
-                _ => return None,
+                "origin" => DL_SUBJECT.to_owned(),
+                name => format!("{DL_PREFIX}{name}"),
             };
-            headers.get(header).map(|v| v.as_str().to_owned())
+            headers.get(header.as_str()).map(|v| v.as_str().to_owned())
         },
     )
 }

@@ -5,7 +5,7 @@
 use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Confirmation};
-use seambus::transport::support::starts_with_ignore_case;
+use seambus::transport::support::{dead_letter_fields, starts_with_ignore_case};
 use seambus::{Attributes, Envelope, Error, ErrorKind, Result};
 use tokio::time::Instant;
 
@@ -66,16 +66,15 @@ pub(crate) fn dead_letter_properties(
 ) -> BasicProperties {
     with_headers(properties, |h| {
         let dl = |name: &str| ShortString::from(format!("{DL_PREFIX}{name}"));
-        h.insert(dl("reason"), text(verdict.reason.as_str()));
-        h.insert(dl("error"), text(&verdict.error));
+        for (name, value) in dead_letter_fields(verdict, group, id) {
+            h.insert(dl(name), text(&value));
+        }
+        // A number, as AMQP has them.
         h.insert(
             dl("attempts"),
             AMQPValue::LongLongInt(i64::from(verdict.attempts)),
         );
-        h.insert(dl("time"), text(&chrono::Utc::now().to_rfc3339()));
-        h.insert(dl("group"), text(&group.to_string()));
         h.insert(dl("routing-key"), text(routing_key));
-        h.insert(dl("id"), text(&id.to_string()));
     })
 }
 
