@@ -228,22 +228,69 @@ impl Limits {
     }
 }
 
-/// What a subscription needs from the transport that hosts it.
-#[derive(Clone, Copy, Debug)]
-pub struct Host<'a> {
-    /// The transport's running subscriptions: shutdown waits for them and
-    /// collects what they leave unfinished.
-    pub subscriptions: &'a Arc<Subscriptions>,
-    /// Fired when the transport's shutdown begins.
-    pub closing: &'a CancellationToken,
-    /// Fired when the shutdown deadline passes.
-    pub stop: &'a CancellationToken,
+/// The running state every broker transport keeps, written once: whether
+/// it is shut down, the signals its subscriptions obey, the gate that
+/// publishes and subscribes hold while they run, and the running
+/// subscriptions. [`spawn`] runs a subscription under it;
+/// [`Host::admit`] lets a publish or subscribe in; [`Host::shut_down`]
+/// ends it all.
+#[derive(Debug)]
+pub struct Host {
+    transport: &'static str,
+    closed: std::sync::atomic::AtomicBool,
+    closing: CancellationToken,
+    stop: CancellationToken,
+    gate: tokio::sync::RwLock<()>,
+    subscriptions: Arc<Subscriptions>,
+}
+
+impl Host {
+    /// The state of a new transport, named in errors (`"NATS"`).
+    pub fn new(transport: &'static str) -> Self {
+        Self {
+            transport,
+            closed: Default::default(),
+            closing: CancellationToken::new(),
+            stop: CancellationToken::new(),
+            gate: Default::default(),
+            subscriptions: Arc::default(),
+        }
+    }
+
+    /// Lets one publish or subscribe in: a guard that shutdown waits for
+    /// (up to its deadline), or [`ErrorKind::Closed`] once shutdown began.
+    pub async fn admit(&self) -> Result<tokio::sync::RwLockReadGuard<'_, ()>> {
+        let open = self.gate.read().await;
+        if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(crate::Error::new(
+                ErrorKind::Closed,
+                format!("the {} transport is shut down", self.transport),
+            ));
+        }
+        Ok(open)
+    }
+
+    /// Fired when the transport's shutdown begins (for the transport's
+    /// own waits, e.g. reconnecting).
+    pub fn closing(&self) -> &CancellationToken {
+        &self.closing
+    }
+
+    /// Shuts down: refuses new work, tells subscriptions to stop, and
+    /// waits for publishes in flight and subscriptions up to `deadline`
+    /// ([`support::drain`](super::support::drain)); the report says what
+    /// was left unfinished.
+    pub async fn shut_down(&self, deadline: Duration) -> super::ShutdownReport {
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.closing.cancel();
+        super::support::drain(deadline, &self.gate, &self.subscriptions, &self.stop).await
+    }
 }
 
 /// Runs one subscription ([`run`]) on its own task, counted in the host's
 /// subscriptions; the returned consumer closes it.
 pub fn spawn<S, K>(
-    host: Host<'_>,
+    host: &Host,
     spec: SubscriptionSpec,
     handler: Arc<dyn DeliveryHandler>,
     source: S,

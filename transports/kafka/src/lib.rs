@@ -8,7 +8,6 @@ mod source;
 mod wire;
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,13 +16,13 @@ use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, Producer as _};
 use rdkafka::{Offset, TopicPartitionList};
-use seambus::transport::support::{dead_letter_from, drain, outgoing, Subscriptions};
+use seambus::transport::engine::Host;
+use seambus::transport::support::{dead_letter_from, outgoing};
 use seambus::transport::{
     Capabilities, Consumer, DeadLetter, DeliveryHandler, GroupId, ShutdownReport, SubscriptionSpec,
     Transport,
 };
 use seambus::{Envelope, Error, ErrorKind, Result};
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 pub use config::{KafkaConfig, Security};
@@ -61,11 +60,8 @@ pub(crate) struct Inner {
     /// The clients' log, shared (an outage is said once).
     pub(crate) log: ClientLog,
     pub(crate) topics: Topics,
-    pub(crate) closing: CancellationToken,
-    pub(crate) stop: CancellationToken,
-    closed: AtomicBool,
-    gate: tokio::sync::RwLock<()>,
-    pub(crate) subscriptions: Arc<Subscriptions>,
+    /// Shut down or not, the subscriptions and their signals.
+    pub(crate) host: Host,
 }
 
 impl KafkaTransport {
@@ -100,17 +96,14 @@ impl KafkaTransport {
                 )
             })?;
         let topics = Topics::new(&config, &log)?;
+        let host = Host::new("Kafka");
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
                 producer,
                 log,
                 topics,
-                closing: CancellationToken::new(),
-                stop: CancellationToken::new(),
-                closed: AtomicBool::new(false),
-                gate: tokio::sync::RwLock::new(()),
-                subscriptions: Arc::default(),
+                host,
             }),
         })
     }
@@ -323,13 +316,7 @@ impl Transport for KafkaTransport {
     }
 
     async fn publish(&self, envelope: Envelope) -> Result<()> {
-        let _open = self.inner.gate.read().await;
-        if self.inner.closed.load(SeqCst) {
-            return Err(Error::new(
-                ErrorKind::Closed,
-                "the Kafka transport is shut down",
-            ));
-        }
+        let _open = self.inner.host.admit().await?;
         let payload = outgoing(&envelope, "Kafka")?;
         let room = self
             .inner
@@ -382,13 +369,7 @@ impl Transport for KafkaTransport {
         spec: SubscriptionSpec,
         handler: Arc<dyn DeliveryHandler>,
     ) -> Result<Box<dyn Consumer>> {
-        let _open = self.inner.gate.read().await;
-        if self.inner.closed.load(SeqCst) {
-            return Err(Error::new(
-                ErrorKind::Closed,
-                "the Kafka transport is shut down",
-            ));
-        }
+        let _open = self.inner.host.admit().await?;
         if spec.concurrency == 0 {
             return Err(crate::error::config_error("concurrency must be at least 1"));
         }
@@ -465,15 +446,7 @@ impl Transport for KafkaTransport {
     }
 
     async fn shutdown(&self, deadline: Duration) -> Result<ShutdownReport> {
-        self.inner.closed.store(true, SeqCst);
-        self.inner.closing.cancel();
-        let report = drain(
-            deadline,
-            &self.inner.gate,
-            &self.inner.subscriptions,
-            &self.inner.stop,
-        )
-        .await;
+        let report = self.inner.host.shut_down(deadline).await;
         let producer = self.inner.producer.clone();
         let flushed = tokio::task::spawn_blocking(move || producer.flush(deadline)).await;
         if let Ok(Err(e)) = flushed {

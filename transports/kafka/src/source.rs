@@ -16,7 +16,7 @@ use rdkafka::error::KafkaResult;
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::ClientContext;
 use rdkafka::{Offset, TopicPartitionList};
-use seambus::transport::engine::{self, Fetch, Fetched, Host, Limits, Verdict};
+use seambus::transport::engine::{self, Fetch, Fetched, Limits, Verdict};
 use seambus::transport::{Consumer, DeliveryHandler, GroupId, SubscriptionSpec};
 use seambus::{Envelope, Result};
 use tokio::sync::Notify;
@@ -294,12 +294,14 @@ pub(crate) async fn subscribe(
         counting: None,
     };
     let limits = Limits::new(config.max_in_flight).with_delivery_limit(Some(config.delivery_limit));
-    let host = Host {
-        subscriptions: &inner.subscriptions,
-        closing: &inner.closing,
-        stop: &inner.stop,
-    };
-    Ok(engine::spawn(host, spec, handler, source, sink, limits))
+    Ok(engine::spawn(
+        &inner.host,
+        spec,
+        handler,
+        source,
+        sink,
+        limits,
+    ))
 }
 
 /// Warns when this consumer holds records of a partition and has settled

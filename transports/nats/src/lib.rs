@@ -6,19 +6,18 @@ mod publisher;
 mod source;
 mod wire;
 
-use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
 use async_trait::async_trait;
-use seambus::transport::support::{drain, outgoing, Subscriptions};
+use seambus::transport::engine::Host;
+use seambus::transport::support::outgoing;
 use seambus::transport::{
     Capabilities, Consumer, DeadLetter, DeliveryHandler, GroupId, ShutdownReport, SubscriptionSpec,
     Transport,
 };
 use seambus::{Envelope, Error, ErrorKind, Result};
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 pub use config::{Auth, NatsConfig, Retention, Storage, StreamSettings, TlsSettings};
@@ -51,21 +50,9 @@ pub(crate) struct Inner {
     pub(crate) client: async_nats::Client,
     pub(crate) js: jetstream::Context,
     pub(crate) config: NatsConfig,
-    /// Stop pulling new events (shutdown began).
-    pub(crate) closing: CancellationToken,
-    /// The shutdown deadline passed: abandon in-flight handlers.
-    pub(crate) stop: CancellationToken,
-    closed: AtomicBool,
-    /// Held shared by publishes and subscribes; shutdown takes it once.
-    gate: tokio::sync::RwLock<()>,
-    pub(crate) subscriptions: Arc<Subscriptions>,
+    /// Shut down or not, the subscriptions and their signals.
+    pub(crate) host: Host,
     max_payload: usize,
-}
-
-impl Inner {
-    fn closed_error() -> Error {
-        Error::new(ErrorKind::Closed, "the NATS transport is shut down")
-    }
 }
 
 fn storage(s: Storage) -> stream::StorageType {
@@ -123,16 +110,13 @@ impl NatsTransport {
             }
         }
         let max_payload = client.server_info().max_payload.saturating_sub(HEADER_ROOM);
+        let host = Host::new("NATS");
         Ok(Self {
             inner: Arc::new(Inner {
                 client,
                 js,
                 config,
-                closing: CancellationToken::new(),
-                stop: CancellationToken::new(),
-                closed: AtomicBool::new(false),
-                gate: tokio::sync::RwLock::new(()),
-                subscriptions: Arc::default(),
+                host,
                 max_payload,
             }),
         })
@@ -259,10 +243,7 @@ impl Transport for NatsTransport {
     }
 
     async fn publish(&self, envelope: Envelope) -> Result<()> {
-        let _open = self.inner.gate.read().await;
-        if self.inner.closed.load(SeqCst) {
-            return Err(Inner::closed_error());
-        }
+        let _open = self.inner.host.admit().await?;
         let payload = outgoing(&envelope, "NATS")?.clone();
         let attrs = envelope.attributes();
         if payload.len() > self.inner.max_payload {
@@ -293,10 +274,7 @@ impl Transport for NatsTransport {
         spec: SubscriptionSpec,
         handler: Arc<dyn DeliveryHandler>,
     ) -> Result<Box<dyn Consumer>> {
-        let _open = self.inner.gate.read().await;
-        if self.inner.closed.load(SeqCst) {
-            return Err(Inner::closed_error());
-        }
+        let _open = self.inner.host.admit().await?;
         if spec.concurrency == 0 {
             return Err(config_error("concurrency must be at least 1"));
         }
@@ -356,15 +334,7 @@ impl Transport for NatsTransport {
     }
 
     async fn shutdown(&self, deadline: Duration) -> Result<ShutdownReport> {
-        self.inner.closed.store(true, SeqCst);
-        self.inner.closing.cancel();
-        let report = drain(
-            deadline,
-            &self.inner.gate,
-            &self.inner.subscriptions,
-            &self.inner.stop,
-        )
-        .await;
+        let report = self.inner.host.shut_down(deadline).await;
         if let Err(e) = self.inner.client.flush().await {
             tracing::warn!(error = %e, "flushing the NATS connection on shutdown failed");
         }

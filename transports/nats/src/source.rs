@@ -14,7 +14,7 @@ use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::{self, AckKind};
 use async_trait::async_trait;
 use futures_util::StreamExt;
-use seambus::transport::engine::{self, Fetch, Fetched, Host, Limits, Verdict};
+use seambus::transport::engine::{self, Fetch, Fetched, Limits, Verdict};
 use seambus::transport::{Consumer, DeliveryHandler, SubscriptionSpec};
 use seambus::{Envelope, Error, ErrorKind, Result};
 
@@ -91,12 +91,14 @@ pub(crate) async fn subscribe(
     };
     let limits =
         Limits::new(config.max_in_flight).with_delivery_limit(Some(config.delivery_limit.max(1)));
-    let host = Host {
-        subscriptions: &inner.subscriptions,
-        closing: &inner.closing,
-        stop: &inner.stop,
-    };
-    Ok(engine::spawn(host, spec, handler, source, sink, limits))
+    Ok(engine::spawn(
+        &inner.host,
+        spec,
+        handler,
+        source,
+        sink,
+        limits,
+    ))
 }
 
 /// A message this process holds.

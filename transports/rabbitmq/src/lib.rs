@@ -7,7 +7,7 @@ mod source;
 mod wire;
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -18,13 +18,13 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::ExchangeKind;
-use seambus::transport::support::{dead_letter_from, drain, outgoing, Subscriptions};
+use seambus::transport::engine::Host;
+use seambus::transport::support::{dead_letter_from, outgoing};
 use seambus::transport::{
     Capabilities, Consumer, DeadLetter, DeliveryHandler, GroupId, ShutdownReport, SubscriptionSpec,
     Transport,
 };
 use seambus::{Envelope, Error, ErrorKind, Result};
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 pub use config::{QueueType, RabbitMqConfig, TlsSettings};
@@ -57,13 +57,8 @@ impl std::fmt::Debug for RabbitMqTransport {
 pub(crate) struct Inner {
     pub(crate) config: RabbitMqConfig,
     pub(crate) connector: Connector,
-    /// Stop consuming (shutdown began).
-    pub(crate) closing: CancellationToken,
-    /// The shutdown deadline passed.
-    pub(crate) stop: CancellationToken,
-    closed: AtomicBool,
-    gate: tokio::sync::RwLock<()>,
-    pub(crate) subscriptions: Arc<Subscriptions>,
+    /// Shut down or not, the subscriptions and their signals.
+    pub(crate) host: Host,
     /// Queues declared by this transport, for [`RabbitMqTransport::delete_topology`].
     declared: Mutex<BTreeSet<String>>,
     /// Publishes confirmed that no group's queue received.
@@ -84,8 +79,8 @@ impl RabbitMqTransport {
     /// publish succeeds before any group subscribes.
     pub async fn connect(config: RabbitMqConfig) -> Result<Self> {
         config.validate()?;
-        let closing = CancellationToken::new();
-        let connector = Connector::new(config.clone(), closing.clone());
+        let host = Host::new("RabbitMQ");
+        let connector = Connector::new(config.clone(), host.closing().clone());
         let connection = connector
             .connection(Some(tokio::time::Instant::now()))
             .await?;
@@ -94,11 +89,7 @@ impl RabbitMqTransport {
             inner: Arc::new(Inner {
                 config,
                 connector,
-                closing,
-                stop: CancellationToken::new(),
-                closed: AtomicBool::new(false),
-                gate: tokio::sync::RwLock::new(()),
-                subscriptions: Arc::default(),
+                host,
                 declared: Mutex::default(),
                 unrouted: AtomicU64::new(0),
                 scans: Mutex::default(),
@@ -277,13 +268,7 @@ impl Transport for RabbitMqTransport {
     }
 
     async fn publish(&self, envelope: Envelope) -> Result<()> {
-        let _open = self.inner.gate.read().await;
-        if self.inner.closed.load(SeqCst) {
-            return Err(Error::new(
-                ErrorKind::Closed,
-                "the RabbitMQ transport is shut down",
-            ));
-        }
+        let _open = self.inner.host.admit().await?;
         let payload = outgoing(&envelope, "RabbitMQ")?;
         let attrs = envelope.attributes();
         if payload.len() > self.inner.config.max_message_size {
@@ -322,13 +307,7 @@ impl Transport for RabbitMqTransport {
         spec: SubscriptionSpec,
         handler: Arc<dyn DeliveryHandler>,
     ) -> Result<Box<dyn Consumer>> {
-        let _open = self.inner.gate.read().await;
-        if self.inner.closed.load(SeqCst) {
-            return Err(Error::new(
-                ErrorKind::Closed,
-                "the RabbitMQ transport is shut down",
-            ));
-        }
+        let _open = self.inner.host.admit().await?;
         if spec.concurrency == 0 {
             return Err(crate::error::config_error("concurrency must be at least 1"));
         }
@@ -391,15 +370,7 @@ impl Transport for RabbitMqTransport {
     }
 
     async fn shutdown(&self, deadline: Duration) -> Result<ShutdownReport> {
-        self.inner.closed.store(true, SeqCst);
-        self.inner.closing.cancel();
-        let report = drain(
-            deadline,
-            &self.inner.gate,
-            &self.inner.subscriptions,
-            &self.inner.stop,
-        )
-        .await;
+        let report = self.inner.host.shut_down(deadline).await;
         self.inner.connector.close().await;
         Ok(report)
     }

@@ -13,7 +13,7 @@ use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
 };
 use lapin::types::FieldTable;
-use seambus::transport::engine::{self, Fetch, Fetched, Host, Limits, Verdict};
+use seambus::transport::engine::{self, Fetch, Fetched, Limits, Verdict};
 use seambus::transport::{Consumer, DeliveryHandler, SubscriptionSpec};
 use seambus::{Envelope, Error, ErrorKind, Result};
 
@@ -67,12 +67,14 @@ pub(crate) async fn subscribe(
     };
     // The broker caps redeliveries itself (`x-delivery-limit`, to the DLQ).
     let limits = Limits::new(usize::from(inner.config.prefetch.max(1)));
-    let host = Host {
-        subscriptions: &inner.subscriptions,
-        closing: &inner.closing,
-        stop: &inner.stop,
-    };
-    Ok(engine::spawn(host, spec, handler, source, sink, limits))
+    Ok(engine::spawn(
+        &inner.host,
+        spec,
+        handler,
+        source,
+        sink,
+        limits,
+    ))
 }
 
 /// A delivery this process holds, with the channel generation it came on.
