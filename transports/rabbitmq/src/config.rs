@@ -164,6 +164,12 @@ impl RabbitMqConfig {
         self
     }
 
+    /// Sets [`RabbitMqConfig::delivery_limit`].
+    pub fn with_delivery_limit(mut self, deliveries: u32) -> Self {
+        self.delivery_limit = deliveries;
+        self
+    }
+
     /// Sets how long a publish may keep trying.
     pub fn with_publish_timeout(mut self, timeout: Duration) -> Self {
         self.publish_timeout = timeout;

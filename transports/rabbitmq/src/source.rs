@@ -17,9 +17,12 @@ use seambus::transport::engine::{self, Fetch, Fetched, Limits, Verdict};
 use seambus::transport::{Consumer, DeliveryHandler, SubscriptionSpec};
 use seambus::{Envelope, Error, ErrorKind, Result};
 
+use crate::config::QueueType;
 use crate::connection::{dead_letter_exchange, declare_group, GroupQueues};
 use crate::error::amqp_error;
-use crate::wire::{dead_letter_properties, envelope_of, publish_confirmed, retry_properties};
+use crate::wire::{
+    dead_letter_properties, delivered_of, envelope_of, publish_confirmed, retry_properties,
+};
 use crate::Inner;
 
 pub(crate) async fn subscribe(
@@ -65,8 +68,12 @@ pub(crate) async fn subscribe(
         current: None,
         revoked: false,
     };
-    // The broker caps redeliveries itself (`x-delivery-limit`, to the DLQ).
-    let limits = Limits::new(usize::from(inner.config.prefetch.max(1)));
+    // A quorum queue counts deliveries and drops a message past
+    // `x-delivery-limit` to the DLQ itself; the engine dead-letters it one
+    // delivery earlier, so the dead letter says why and is counted.
+    let limit = (inner.config.queue_type == QueueType::Quorum)
+        .then(|| inner.config.delivery_limit.saturating_sub(1).max(1));
+    let limits = Limits::new(usize::from(inner.config.prefetch.max(1))).with_delivery_limit(limit);
     Ok(engine::spawn(
         &inner.host,
         spec,
@@ -166,6 +173,7 @@ impl engine::Source for RabbitSource {
             match current.consumer.next().await {
                 Some(Ok(delivery)) => {
                     let (envelope, attempt) = envelope_of(&delivery.properties, &delivery.data);
+                    let delivered = delivered_of(&delivery.properties);
                     return Ok(Fetch::Message(Fetched {
                         token: Held {
                             delivery,
@@ -173,7 +181,7 @@ impl engine::Source for RabbitSource {
                         },
                         envelope: envelope.map_err(|e| e.message().to_owned()),
                         attempt,
-                        delivered: None,
+                        delivered,
                     }));
                 }
                 Some(Err(e)) => {

@@ -23,6 +23,21 @@ pub(crate) const ATTEMPT: &str = "x-seambus-attempt";
 /// Prefix of the dead-letter headers.
 pub(crate) const DL_PREFIX: &str = "x-seambus-dl-";
 
+/// How often a quorum queue has delivered this message, this delivery
+/// included (its `x-delivery-count` counts the earlier ones); `None` on a
+/// classic queue, which does not count.
+pub(crate) fn delivered_of(properties: &BasicProperties) -> Option<u32> {
+    let count = properties
+        .headers()
+        .as_ref()?
+        .inner()
+        .get("x-delivery-count")
+        .and_then(value_text)?
+        .parse::<u32>()
+        .ok()?;
+    Some(count.saturating_add(1))
+}
+
 /// Headers RabbitMQ or Seambus add, which are not user headers.
 pub(crate) fn is_transport_header(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
