@@ -473,6 +473,70 @@ where
     }
 }
 
+/// A crash loop, for a broker crate's test of its delivery limit: over
+/// each transport `connect` makes in turn, a group subscribes a handler
+/// that never finishes; one [`Ping`] is published through the first, and
+/// each of the first `stops` (at least 1) buses is shut down (deadline 200 ms) while
+/// its handler holds it, as a crash would leave it, unsettled. The next
+/// bus must then dead-letter it without running the handler again.
+/// Returns that dead letter, the event's id and the dead letters its
+/// subscription's stats count; fails when the handler runs once more.
+pub async fn crash_loop<F, Fut>(
+    stops: usize,
+    connect: F,
+) -> (crate::transport::DeadLetter, Uuid, u64)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Arc<dyn Transport>>,
+{
+    let calls = Arc::new(AtomicUsize::new(0));
+    let subscribe = |bus: Bus| {
+        let c = calls.clone();
+        async move {
+            let sub = bus
+                .module("billing")
+                .subscribe(move |_ping: Received<Ping>, _ctx: Context| {
+                    c.fetch_add(1, SeqCst);
+                    std::future::pending::<std::result::Result<(), HandlerError>>()
+                })
+                .await
+                .expect("subscribe");
+            (bus, sub)
+        }
+    };
+    let mut id = None;
+    for round in 1..=stops {
+        let (bus, _sub) = subscribe(bus_on(connect().await)).await;
+        if id.is_none() {
+            let ping = Ping {
+                seq: 0,
+                body: String::new(),
+            };
+            id = Some(bus.module(MODULE).publish(ping).await.expect("publish"));
+        }
+        poll_until("the handler holding the event", || async {
+            calls.load(SeqCst) == round
+        })
+        .await;
+        bus.shutdown(Duration::from_millis(200))
+            .await
+            .expect("shutdown");
+    }
+    let (bus, sub) = subscribe(bus_on(connect().await)).await;
+    poll_until("the crash loop's dead letter", || async {
+        sub.dead_letters().await.is_ok_and(|d| !d.is_empty())
+    })
+    .await;
+    let mut dead = sub.dead_letters().await.expect("dead letters");
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(calls.load(SeqCst), stops, "the handler ran again");
+    let counted = sub.stats().dead_lettered;
+    bus.shutdown(Duration::from_secs(5))
+        .await
+        .expect("shutdown");
+    (dead.remove(0), id.expect("stops is at least 1"), counted)
+}
+
 fn bus_on(transport: Arc<dyn Transport>) -> Bus {
     Bus::builder()
         .transport_arc("under-test", transport)

@@ -135,7 +135,7 @@ pub async fn call_guarded(
 /// The dead-letter headers every broker transport writes, by name (the
 /// transport adds its prefix, e.g. `seambus-dl-`, and where the event was
 /// published): `reason`, `error`, `attempts`, `time` (now), `group` and
-/// `id`, the names [`dead_letter_from`] reads back.
+/// `id` (all but `group` read back by [`dead_letter_from`]).
 pub fn dead_letter_fields(
     verdict: &crate::transport::engine::Verdict,
     group: &crate::transport::GroupId,

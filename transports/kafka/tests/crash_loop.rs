@@ -11,16 +11,15 @@
 mod common;
 
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
 
 use libtest_mimic::{Arguments, Trial};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use seambus::conformance::{block_on, broker_ready, poll_until};
-use seambus::transport::DeadLetterReason;
-use seambus::{Bus, Context, HandlerError, Received};
+use seambus::conformance::{block_on, broker_ready};
+use seambus::transport::{DeadLetterReason, Transport};
+use seambus::Bus;
 use seambus_kafka::KafkaTransport;
 use serde::{Deserialize, Serialize};
 
@@ -103,65 +102,17 @@ fn a_record_delivered_past_the_delivery_limit_is_dead_lettered() {
     let _serial = common::one_at_a_time();
     block_on(async {
         let ns = seambus::conformance::namespace("crashloop");
-        let calls = Arc::new(AtomicUsize::new(0));
-        let mut published = None;
         // Two processes in turn take the record and stop while their
-        // handler still runs (as a crash would leave it: not settled);
-        // the third receives it as its third delivery.
-        for round in 1..=3 {
-            let transport = KafkaTransport::connect(common::config(&ns).with_delivery_limit(2))
-                .await
-                .unwrap();
-            let bus = Bus::builder()
-                .transport("kafka", transport)
-                .build()
-                .unwrap();
-            let c = calls.clone();
-            let sub = bus
-                .module("billing")
-                .subscribe(move |_e: Received<OrderPlaced>, _ctx: Context| {
-                    c.fetch_add(1, SeqCst);
-                    std::future::pending::<Result<(), HandlerError>>()
-                })
-                .await
-                .unwrap();
-            if published.is_none() {
-                published = Some(
-                    bus.module("orders")
-                        .publish(OrderPlaced { id: 1 })
-                        .await
-                        .unwrap(),
-                );
-            }
-            if round < 3 {
-                poll_until("the handler holding the record", || async {
-                    calls.load(SeqCst) == round
-                })
-                .await;
-                bus.shutdown(Duration::from_millis(200)).await.unwrap();
-                continue;
-            }
-            poll_until("the crash loop's dead letter", || async {
-                sub.dead_letters().await.is_ok_and(|d| !d.is_empty())
-            })
-            .await;
-            let dead = sub.dead_letters().await.unwrap();
-            assert_eq!(dead.len(), 1, "{dead:?}");
-            assert_eq!(dead[0].envelope.id(), published.unwrap());
-            assert_eq!(dead[0].reason, DeadLetterReason::MaxAttempts);
-            assert!(
-                dead[0].error.contains("delivered 3 times"),
-                "{}",
-                dead[0].error
-            );
-            assert_eq!(
-                calls.load(SeqCst),
-                2,
-                "the handler did not run a third time"
-            );
-            assert_eq!(sub.stats().dead_lettered, 1);
-            bus.shutdown(Duration::from_secs(5)).await.unwrap();
-        }
+        // handler still runs; the third receives it as its third delivery.
+        let (dead, id, counted) = seambus::conformance::crash_loop(2, || async {
+            let t = KafkaTransport::connect(common::config(&ns).with_delivery_limit(2)).await;
+            Arc::new(t.unwrap()) as Arc<dyn Transport>
+        })
+        .await;
+        assert_eq!(dead.envelope.id(), id);
+        assert_eq!(dead.reason, DeadLetterReason::MaxAttempts);
+        assert!(dead.error.contains("delivered 3 times"), "{}", dead.error);
+        assert_eq!(counted, 1);
         common::cleanup(&ns).await;
     });
 }
