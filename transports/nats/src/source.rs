@@ -246,7 +246,21 @@ impl engine::Source for NatsSource {
     async fn fetch(&mut self) -> Result<Fetch<Held>> {
         loop {
             if let Some(&(stream_seq, deliveries)) = self.given_up.front() {
-                let fetched = self.read_given_up(stream_seq, deliveries).await?;
+                let fetched = match self.read_given_up(stream_seq, deliveries).await {
+                    Ok(fetched) => fetched,
+                    // Asked again after a pause.
+                    Err(e) if e.is_retryable() => return Err(e),
+                    // No retry reads it: said, with where it stays.
+                    Err(e) => {
+                        tracing::warn!(
+                            consumer = %self.name,
+                            stream_seq,
+                            error = %e,
+                            "cannot read a message the server gave up delivering; it stays in the stream at this sequence"
+                        );
+                        None
+                    }
+                };
                 self.given_up.pop_front();
                 match fetched {
                     Some(fetched) => return Ok(Fetch::Message(fetched)),
