@@ -2,8 +2,7 @@
 //! (groups, per-key order, bounded queues, delayed retries, dead letters,
 //! graceful shutdown) and no serialization.
 
-use std::collections::hash_map::Entry;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
@@ -22,6 +21,7 @@ use uuid::Uuid;
 use crate::envelope::Envelope;
 use crate::error::{Error, ErrorKind, Result};
 use crate::transport::engine::{decide, Decision, Verdict};
+use crate::transport::lanes::{lane_key, Laned, Lanes};
 use crate::transport::support::call_guarded;
 use crate::transport::{
     Capabilities, Consumer, DeadLetter, Delivery, DeliveryHandler, Dispatch, GroupId, Ordering,
@@ -190,18 +190,22 @@ struct Group {
     changed: Notify,
 }
 
+/// A queued delivery, with its lane.
+struct Queued {
+    delivery: Delivery,
+    key: Option<u64>,
+}
+
+impl Laned for Queued {
+    fn key(&self) -> Option<u64> {
+        self.key
+    }
+}
+
 #[derive(Default)]
 struct GroupState {
-    /// New events in publish order.
-    queue: VecDeque<Delivery>,
-    /// Events that may run now and own their key (retries that are due,
-    /// successors of a finished key).
-    ready: VecDeque<Delivery>,
-    /// Keys being handled or retried, with the events waiting behind them.
-    busy_keys: HashMap<u64, VecDeque<Delivery>>,
-    /// Retries waiting for their time.
-    delayed: BTreeMap<(Instant, u64), Delivery>,
-    seq: u64,
+    /// Events waiting for a worker, for their key or for their retry.
+    lanes: Lanes<Queued>,
     /// Accepted and not finished (the queue slots' view, counted here too so
     /// shutdown can wait for zero). A dead letter waiting for room in the
     /// full store no longer counts (no worker can do anything for it) but
@@ -373,8 +377,8 @@ struct DeadLetters {
     /// Oldest first.
     stored: VecDeque<DeadLetter>,
     /// Dead letters of queued deliveries waiting for room, oldest first;
-    /// each keeps its delivery's queue slot and key.
-    waiting: VecDeque<(DeadLetter, Delivery)>,
+    /// each keeps its delivery's queue slot and lane key.
+    waiting: VecDeque<(DeadLetter, Option<u64>)>,
     /// The store refused a dead letter and has had no room since (so it
     /// logs once when it becomes full, not once per dead letter).
     full: bool,
@@ -421,16 +425,16 @@ impl DeadStore {
     }
 
     /// After a removal: moves waiting dead letters into the room there is.
-    /// Returns their deliveries, whose keys and slots the caller releases
+    /// Returns their lane keys, which the caller releases with their slots
     /// (see [`Shared::room_made`]) once the lock is gone.
-    fn fill(&self, letters: &mut DeadLetters) -> Vec<Delivery> {
+    fn fill(&self, letters: &mut DeadLetters) -> Vec<Option<u64>> {
         let mut released = Vec::new();
         while letters.stored.len() < self.capacity {
-            let Some((dl, delivery)) = letters.waiting.pop_front() else {
+            let Some((dl, key)) = letters.waiting.pop_front() else {
                 break;
             };
             letters.stored.push_back(dl);
-            released.push(delivery);
+            released.push(key);
         }
         if letters.stored.len() < self.capacity {
             letters.full = false;
@@ -462,61 +466,11 @@ impl Drop for Taken<'_> {
 }
 
 impl Group {
-    fn key_of(&self, d: &Delivery, hasher: &impl BuildHasher) -> Option<u64> {
-        if !self.ordered {
-            return None;
-        }
-        let key = d.envelope.attributes().partition_key.as_deref()?;
-        Some(hasher.hash_one(key))
-    }
-
-    /// Takes the next runnable delivery, parking events whose key is busy.
-    fn take(&self, st: &mut GroupState, hasher: &impl BuildHasher) -> Option<Delivery> {
-        if let Some(d) = st.ready.pop_front() {
-            return Some(d);
-        }
-        while let Some(d) = st.queue.pop_front() {
-            if let Some(k) = self.key_of(&d, hasher) {
-                match st.busy_keys.entry(k) {
-                    Entry::Occupied(mut waiting) => {
-                        waiting.get_mut().push_back(d);
-                        continue;
-                    }
-                    Entry::Vacant(slot) => {
-                        slot.insert(VecDeque::new());
-                    }
-                }
-            }
-            return Some(d);
-        }
-        None
-    }
-
-    /// Hands the delivery's key to the next event waiting on it (true) or
-    /// frees it.
-    #[inline]
-    fn release_key(&self, st: &mut GroupState, d: &Delivery, hasher: &impl BuildHasher) -> bool {
-        if let Some(k) = self.key_of(d, hasher) {
-            if let Entry::Occupied(mut waiting) = st.busy_keys.entry(k) {
-                match waiting.get_mut().pop_front() {
-                    Some(next) => {
-                        st.ready.push_back(next);
-                        return true;
-                    }
-                    None => {
-                        waiting.remove();
-                    }
-                }
-            }
-        }
-        false
-    }
-
     /// The delivery is done for good (acked or dead-lettered): release its
     /// key to the next event waiting on it, and its queue slot.
-    fn finish(&self, d: &Delivery, hasher: &impl BuildHasher) {
+    fn finish(&self, key: Option<u64>) {
         let mut st = lock(&self.state);
-        let successor = self.release_key(&mut st, d, hasher);
+        let successor = st.lanes.release(key);
         st.outstanding -= 1;
         // Only shutdown waits for a group to go idle (it sets `draining`
         // under this lock first), so an idle group outside a drain wakes
@@ -548,8 +502,8 @@ impl Group {
 
     /// A parked delivery's dead letter was stored: release its key, and its
     /// slot unless `keep_slot` (a redrive takes the slot over).
-    fn unpark(&self, d: &Delivery, hasher: &impl BuildHasher, keep_slot: bool) {
-        let successor = self.release_key(&mut lock(&self.state), d, hasher);
+    fn unpark(&self, key: Option<u64>, keep_slot: bool) {
+        let successor = lock(&self.state).lanes.release(key);
         if !keep_slot {
             self.slots.give_back(1);
         }
@@ -558,48 +512,35 @@ impl Group {
         }
     }
 
-    fn push(&self, envelope: Envelope, attempt: u32) {
+    fn push(&self, envelope: Envelope, attempt: u32, hasher: &impl BuildHasher) {
+        let key = lane_key(hasher, self.ordered, &envelope);
+        let queued = Queued {
+            delivery: Delivery { envelope, attempt },
+            key,
+        };
         let mut st = lock(&self.state);
-        st.queue.push_back(Delivery { envelope, attempt });
+        let ready = st.lanes.push(queued);
         st.outstanding += 1;
         drop(st);
-        self.work.notify_one();
+        if ready {
+            self.work.notify_one();
+        }
     }
 
-    /// Keeps the key busy and brings the delivery back after `delay`.
-    fn retry_later(self: &Arc<Self>, d: Delivery, delay: Duration) {
+    /// Keeps the key busy and brings the delivery back after `delay`, as
+    /// the next attempt.
+    fn retry_later(self: &Arc<Self>, mut queued: Queued, delay: Duration) {
         // A far-future deadline rather than an overflow for absurd delays.
         let now = Instant::now();
         let at = now
             .checked_add(delay)
             .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600));
-        {
-            let mut st = lock(&self.state);
-            st.seq += 1;
-            let seq = st.seq;
-            st.delayed.insert(
-                (at, seq),
-                Delivery {
-                    envelope: d.envelope,
-                    attempt: d.attempt + 1,
-                },
-            );
-        }
+        queued.delivery.attempt += 1;
+        lock(&self.state).lanes.delay(at, queued);
         let group = self.clone();
         tokio::spawn(async move {
             tokio::time::sleep_until(at).await;
-            let mut st = lock(&group.state);
-            let now = Instant::now();
-            let mut moved = 0;
-            while let Some(entry) = st.delayed.first_entry() {
-                if entry.key().0 > now {
-                    break;
-                }
-                let d = entry.remove();
-                st.ready.push_back(d);
-                moved += 1;
-            }
-            drop(st);
+            let moved = lock(&group.state).lanes.due(Instant::now());
             for _ in 0..moved {
                 group.work.notify_one();
             }
@@ -611,19 +552,7 @@ impl Group {
         let mut st = lock(&self.state);
         let st = &mut *st;
         let mut out = std::mem::take(&mut st.abandoned);
-        out.extend(st.ready.drain(..).map(|d| d.envelope));
-        out.extend(
-            std::mem::take(&mut st.delayed)
-                .into_values()
-                .map(|d| d.envelope),
-        );
-        out.extend(
-            st.busy_keys
-                .drain()
-                .flat_map(|(_, waiting)| waiting)
-                .map(|d| d.envelope),
-        );
-        out.extend(st.queue.drain(..).map(|d| d.envelope));
+        out.extend(st.lanes.drain().map(|q| q.delivery.envelope));
         out
     }
 }
@@ -738,16 +667,16 @@ impl Shared {
     /// A queued delivery's dead letter: stored and the delivery finished,
     /// or, if the store is full, parked with the delivery (which keeps its
     /// slot and key) until room is made.
-    fn dead_letter_queued(&self, group: &Group, delivery: Delivery, dl: DeadLetter) {
+    fn dead_letter_queued(&self, group: &Group, key: Option<u64>, dl: DeadLetter) {
         log_dead_letter(&dl);
         let mut letters = lock(&group.dead.letters);
         match group.dead.try_store(&mut letters, dl) {
             Ok(()) => {
                 drop(letters);
-                group.finish(&delivery, &self.hasher);
+                group.finish(key);
             }
             Err(dl) => {
-                letters.waiting.push_back((dl, delivery));
+                letters.waiting.push_back((dl, key));
                 drop(letters);
                 group.park();
                 group.dead.parked.notify_waiters();
@@ -776,11 +705,11 @@ impl Shared {
 
     /// Room was made in `store`: release the keys and slots of the dead
     /// letters that moved in, and wake inline runs waiting for room.
-    fn room_made(&self, store: &DeadStore, released: Vec<Delivery>) {
+    fn room_made(&self, store: &DeadStore, released: Vec<Option<u64>>) {
         if !released.is_empty() {
             if let Some(g) = lock(&self.groups).get(&store.group).cloned() {
-                for d in &released {
-                    g.unpark(d, &self.hasher, false);
+                for key in released {
+                    g.unpark(key, false);
                 }
             }
         }
@@ -894,7 +823,7 @@ impl Transport for InProcessTransport {
             taken.n += 1;
         }
         taken.keep();
-        push_all(&topic.queued, envelope);
+        push_all(&topic.queued, envelope, &self.shared.hasher);
         TryPublish::Done(Ok(()))
     }
 
@@ -926,10 +855,10 @@ impl Transport for InProcessTransport {
         }
         taken.keep();
         if topic.inline.is_empty() {
-            push_all(&topic.queued, envelope);
+            push_all(&topic.queued, envelope, &self.shared.hasher);
             return Ok(());
         }
-        push_all(&topic.queued, envelope.clone());
+        push_all(&topic.queued, envelope.clone(), &self.shared.hasher);
         // Still inside the gate: shutdown waits for inline runs as it waits
         // for queued work, and cuts them off at its deadline.
         self.shared.run_inline_all(&topic.inline, &envelope).await;
@@ -1189,12 +1118,8 @@ impl Drop for PutBack<'_> {
         };
         let mut letters = lock(&self.store.letters);
         if let Err(dl) = self.store.try_store(&mut letters, dl) {
-            // No queued group owns this delivery: nothing to release later.
-            let delivery = Delivery {
-                envelope: dl.envelope.clone(),
-                attempt: dl.attempts,
-            };
-            letters.waiting.push_back((dl, delivery));
+            // No queued group owns this delivery: no key to release later.
+            letters.waiting.push_back((dl, None));
         }
     }
 }
@@ -1227,15 +1152,15 @@ impl InProcessTransport {
                 // The store is full and a dead letter waits for room holding
                 // a queue slot (the slots may all be held that way): it
                 // takes this one's place in the store, this one its slot.
-                if let Some((waiting, delivery)) = letters.waiting.pop_front() {
+                if let Some((waiting, key)) = letters.waiting.pop_front() {
                     letters.stored.push_back(waiting);
                     let dl = letters
                         .stored
                         .remove(at)
                         .expect("the dead letter was found under this lock");
                     drop(letters);
-                    g.unpark(&delivery, &self.shared.hasher, true);
-                    g.push(dl.envelope, 1);
+                    g.unpark(key, true);
+                    g.push(dl.envelope, 1, &self.shared.hasher);
                     return Ok(true);
                 }
             }
@@ -1253,7 +1178,7 @@ impl InProcessTransport {
             g.slots.give_back(1);
             return Ok(false);
         };
-        g.push(dl.envelope, 1);
+        g.push(dl.envelope, 1, &self.shared.hasher);
         Ok(true)
     }
 }
@@ -1275,12 +1200,12 @@ impl InProcessTransport {
 
 /// Pushes one delivery per group (slots already taken); the last group
 /// takes the envelope itself, so a single subscriber costs no clone.
-fn push_all(groups: &[Arc<Group>], envelope: Envelope) {
+fn push_all(groups: &[Arc<Group>], envelope: Envelope, hasher: &impl BuildHasher) {
     if let Some((last, rest)) = groups.split_last() {
         for g in rest {
-            g.push(envelope.clone(), 1);
+            g.push(envelope.clone(), 1, hasher);
         }
-        last.push(envelope, 1);
+        last.push(envelope, 1, hasher);
     }
 }
 
@@ -1317,7 +1242,7 @@ impl Drop for WorkerSlot {
         let pending = {
             let mut st = lock(&self.0.state);
             st.workers -= 1;
-            !st.ready.is_empty() || !st.queue.is_empty()
+            st.lanes.has_ready()
         };
         if pending {
             self.0.work.notify_one();
@@ -1341,13 +1266,13 @@ async fn run_worker(
             if detach.is_set() || stop.is_set() {
                 return;
             }
-            match group.take(&mut st, &shared.hasher) {
-                Some(d) => Some(d),
+            match st.lanes.pop() {
+                Some(q) => Some(q),
                 None if st.draining && st.outstanding == 0 => return,
                 None => None,
             }
         };
-        let Some(delivery) = next else {
+        let Some(queued) = next else {
             // Idle: register for a wakeup, then look again, so a push
             // between the look above and the registration is not missed.
             // (Only an idle worker registers; a busy one never touches the
@@ -1357,10 +1282,7 @@ async fn run_worker(
             work.as_mut().enable();
             {
                 let st = lock(&group.state);
-                if !st.ready.is_empty()
-                    || !st.queue.is_empty()
-                    || (st.draining && st.outstanding == 0)
-                {
+                if st.lanes.has_ready() || (st.draining && st.outstanding == 0) {
                     continue;
                 }
             }
@@ -1374,7 +1296,7 @@ async fn run_worker(
         // waits for the shutdown deadline (one that finishes at once never
         // registers for it).
         let outcome = {
-            let handling = call_guarded(&*handler, delivery.clone());
+            let handling = call_guarded(&*handler, queued.delivery.clone());
             let stopped = stop.fired();
             tokio::pin!(handling, stopped);
             std::future::poll_fn(|cx| {
@@ -1387,18 +1309,18 @@ async fn run_worker(
         };
         let Some(outcome) = outcome else {
             // Deadline passed: not a failure, not dead-lettered; reported.
-            lock(&group.state).abandoned.push(delivery.envelope);
+            lock(&group.state).abandoned.push(queued.delivery.envelope);
             return;
         };
-        match decide(outcome, delivery.attempt, &retry) {
-            Decision::Ack => group.finish(&delivery, &shared.hasher),
+        match decide(outcome, queued.delivery.attempt, &retry) {
+            Decision::Ack => group.finish(queued.key),
             Decision::Retry(delay) => {
                 handler.settled(&group.id, Settlement::Retry);
-                group.retry_later(delivery, delay);
+                group.retry_later(queued, delay);
             }
             Decision::DeadLetter(verdict) => {
-                let dl = dead_letter_of(&group.id, &*handler, delivery.envelope.clone(), verdict);
-                shared.dead_letter_queued(&group, delivery, dl);
+                let dl = dead_letter_of(&group.id, &*handler, queued.delivery.envelope, verdict);
+                shared.dead_letter_queued(&group, queued.key, dl);
             }
         }
     }

@@ -248,6 +248,7 @@ pub trait Transport: Send + Sync + 'static {
 }
 
 pub mod engine;
+pub(crate) mod lanes;
 
 pub mod support;
 

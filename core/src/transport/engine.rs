@@ -32,9 +32,7 @@
 //!   start are given back, running handlers finish until the shutdown
 //!   deadline, and those cut short are reported as unfinished.
 
-use std::collections::hash_map::Entry;
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::hash::BuildHasher;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,6 +41,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::lanes::{lane_key, Laned, Lanes};
 use super::support::{call_guarded, Subscriptions, TaskConsumer};
 use super::{
     Consumer, DeadLetterReason, Delivery, DeliveryHandler, GroupId, Ordering, Outcome, Settlement,
@@ -336,6 +335,12 @@ struct Item<T> {
     dead_letter_failures: u32,
 }
 
+impl<T> Laned for Item<T> {
+    fn key(&self) -> Option<u64> {
+        self.key
+    }
+}
+
 /// What a handler task reports.
 enum Done<T> {
     /// Settled for good (acked, dead-lettered, handed to the broker).
@@ -376,9 +381,7 @@ where
         signals,
     });
     let mut state = State::<S::Token> {
-        ready: VecDeque::new(),
-        lanes: HashMap::new(),
-        delayed: BTreeMap::new(),
+        lanes: Lanes::default(),
         held: HashMap::new(),
         seq: 0,
         hasher: Default::default(),
@@ -396,7 +399,7 @@ where
     let stopping = || signals.detach.is_cancelled() || signals.closing.is_cancelled();
     loop {
         while running.len() < shared.spec.concurrency {
-            let Some(item) = state.ready.pop_front() else {
+            let Some(item) = state.lanes.pop() else {
                 break;
             };
             let shared = shared.clone();
@@ -410,7 +413,7 @@ where
             paused = full;
             source.pause(paused);
         }
-        let next_due = state.delayed.keys().next().map(|(at, _)| *at);
+        let next_due = state.lanes.next_due();
         tokio::select! {
             _ = signals.detach.cancelled() => {}
             _ = signals.closing.cancelled() => {}
@@ -419,7 +422,7 @@ where
                 Err(e) => tracing::error!(group = %shared.spec.group, error = %e, "handler task failed"),
             },
             _ = tokio::time::sleep_until(next_due.unwrap_or_else(Instant::now)), if next_due.is_some() => {
-                state.due();
+                state.lanes.due(Instant::now());
             }
             _ = async {
                 match keep_alive.as_mut() {
@@ -453,12 +456,7 @@ where
     // deadline every broker call here has `STOP_GRACE` to finish (a broker
     // that stops answering must not hang the shutdown); what did not is
     // abandoned to the broker, which redelivers it.
-    let waiting: Vec<Item<S::Token>> = state
-        .ready
-        .drain(..)
-        .chain(std::mem::take(&mut state.delayed).into_values())
-        .chain(state.lanes.drain().flat_map(|(_, lane)| lane))
-        .collect();
+    let waiting: Vec<Item<S::Token>> = state.lanes.drain().collect();
     let group = &shared.spec.group;
     let give_back = async {
         for item in waiting {
@@ -524,12 +522,8 @@ async fn within_grace(
 }
 
 struct State<T> {
-    /// May run now (and own their key, if any).
-    ready: VecDeque<Item<T>>,
-    /// Busy keys, with the items waiting behind them.
-    lanes: HashMap<u64, VecDeque<Item<T>>>,
-    /// Waiting to run again.
-    delayed: BTreeMap<(Instant, u64), Item<T>>,
+    /// Waiting, ready and delayed items.
+    lanes: Lanes<Item<T>>,
     /// Every held message, for keep-alives and the holding limit.
     held: HashMap<u64, Arc<T>>,
     seq: u64,
@@ -540,13 +534,10 @@ struct State<T> {
 impl<T: Send + Sync + 'static> State<T> {
     fn accept<K: Sink<Token = T>>(&mut self, shared: &Shared<K>, fetched: Fetched<T>) {
         self.seq += 1;
-        let key = match (&fetched.envelope, shared.spec.ordering) {
-            (Ok(env), Ordering::ByKey) => env
-                .attributes()
-                .partition_key
-                .as_deref()
-                .map(|k| self.hasher.hash_one(k)),
-            _ => None,
+        let ordered = shared.spec.ordering == Ordering::ByKey;
+        let key = match &fetched.envelope {
+            Ok(envelope) => lane_key(&self.hasher, ordered, envelope),
+            Err(_) => None,
         };
         let item = Item {
             seq: self.seq,
@@ -559,48 +550,26 @@ impl<T: Send + Sync + 'static> State<T> {
             dead_letter_failures: 0,
         };
         self.held.insert(item.seq, item.token.clone());
-        match item.key {
-            None => self.ready.push_back(item),
-            Some(key) => match self.lanes.entry(key) {
-                Entry::Vacant(slot) => {
-                    slot.insert(VecDeque::new());
-                    self.ready.push_back(item);
-                }
-                Entry::Occupied(mut lane) => lane.get_mut().push_back(item),
-            },
-        }
-    }
-
-    /// The key's next item may run.
-    fn release_key(&mut self, key: Option<u64>) {
-        let Some(key) = key else { return };
-        if let Entry::Occupied(mut lane) = self.lanes.entry(key) {
-            match lane.get_mut().pop_front() {
-                Some(next) => self.ready.push_back(next),
-                None => {
-                    lane.remove();
-                }
-            }
-        }
+        self.lanes.push(item);
     }
 
     fn done<K: Sink<Token = T>>(&mut self, shared: &Shared<K>, done: Done<T>) {
         match done {
             Done::Settled(item) => {
                 self.held.remove(&item.seq);
-                self.release_key(item.key);
+                self.lanes.release(item.key);
             }
             Done::Again(item, delay) => {
                 if !shared.sink.owns(&item.token) {
                     self.held.remove(&item.seq);
-                    self.release_key(item.key);
+                    self.lanes.release(item.key);
                     return;
                 }
                 let now = Instant::now();
                 let at = now
                     .checked_add(delay)
                     .unwrap_or(now + Duration::from_secs(86_400));
-                self.delayed.insert((at, item.seq), item);
+                self.lanes.delay(at, item);
             }
             Done::Abandoned(item) => {
                 self.held.remove(&item.seq);
@@ -612,49 +581,18 @@ impl<T: Send + Sync + 'static> State<T> {
         }
     }
 
-    /// Moves due retries to the front of the line (they own their key).
-    fn due(&mut self) {
-        let now = Instant::now();
-        while let Some(entry) = self.delayed.first_entry() {
-            if entry.key().0 > now {
-                break;
-            }
-            self.ready.push_front(entry.remove());
-        }
-    }
-
     /// Drops what is no longer this consumer's: the broker gives it to the
     /// new owner.
     fn revoke<K: Sink<Token = T>>(&mut self, shared: &Shared<K>) {
         let sink = &*shared.sink;
-        let Self {
-            ready,
-            lanes,
-            delayed,
-            held,
-            ..
-        } = self;
-        let mut freed = Vec::new();
-        let mut keep = |item: &Item<T>, owner: bool| {
+        let held = &mut self.held;
+        self.lanes.retain(|item| {
             let owned = sink.owns(&item.token);
             if !owned {
                 held.remove(&item.seq);
-                if owner {
-                    freed.push(item.key);
-                }
             }
             owned
-        };
-        // Items waiting in a lane: their key is their owner's.
-        for lane in lanes.values_mut() {
-            lane.retain(|item| keep(item, false));
-        }
-        // Owners of their key (or keyless): dropping one frees its key.
-        ready.retain(|item| keep(item, true));
-        delayed.retain(|_, item| keep(item, true));
-        for key in freed {
-            self.release_key(key);
-        }
+        });
     }
 }
 
