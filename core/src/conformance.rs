@@ -101,6 +101,14 @@ pub trait Harness: Send + Sync {
         3000
     }
 
+    /// Whether the transport has a broker or server of its own (default
+    /// true). An embedded one (SQLite: a file, no server) has none to
+    /// restart, and case 15 does not apply; its crate tests killing the
+    /// consuming process instead.
+    fn has_server(&self) -> bool {
+        true
+    }
+
     /// Why the broker cannot be reached, if it cannot (checked once, before
     /// the suite runs). Every case is then reported ignored with that reason,
     /// or fails when `SEAMBUS_REQUIRE_BROKERS=1`.
@@ -2433,6 +2441,7 @@ fn restart_applies(caps: &Capabilities, h: &dyn Harness) -> Applies {
         caps.persistent,
         "not persistent: nothing is kept across a restart to check",
     )?;
+    needs(h.has_server(), "embedded: no server to restart")?;
     // With brokers required, a persistent transport whose harness cannot
     // restart its broker runs the case, and fails: it never passes by
     // skipping.

@@ -302,14 +302,17 @@ mod tests {
     fn outgoing_checks_headers_names_and_bytes() {
         use crate::{Attributes, Envelope, ErrorKind};
         let ok = Envelope::from_bytes(Attributes::new("m", "m.e", 1), &b"{}"[..]);
-        assert_eq!(&support::outgoing(&ok, "test").unwrap()[..], b"{}");
+        assert_eq!(&support::outgoing(&ok, "test", None).unwrap()[..], b"{}");
         let mut forged = Attributes::new("m", "m.e", 1);
         forged.headers.push(("ce-id".into(), "x".into()));
-        let err = support::outgoing(&Envelope::from_bytes(forged, &b"{}"[..]), "test").unwrap_err();
+        let err =
+            support::outgoing(&Envelope::from_bytes(forged, &b"{}"[..]), "test", None).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidHeader);
         let wildcard = Envelope::from_bytes(Attributes::new("m", "m.*", 1), &b"{}"[..]);
         assert_eq!(
-            support::outgoing(&wildcard, "test").unwrap_err().kind(),
+            support::outgoing(&wildcard, "test", None)
+                .unwrap_err()
+                .kind(),
             ErrorKind::InvalidName
         );
         #[derive(serde::Serialize, serde::Deserialize, crate::Event)]
@@ -317,9 +320,13 @@ mod tests {
         struct E;
         let typed = Envelope::typed(Attributes::new("m", "m.e", 1), E);
         assert_eq!(
-            support::outgoing(&typed, "test").unwrap_err().kind(),
+            support::outgoing(&typed, "test", None).unwrap_err().kind(),
             ErrorKind::Encode
         );
+        let big = Envelope::from_bytes(crate::Attributes::new("m", "m.e", 1), &b"12345"[..]);
+        assert!(support::outgoing(&big, "test", Some(5)).is_ok());
+        let err = support::outgoing(&big, "test", Some(4)).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::PayloadTooLarge);
     }
 
     #[test]

@@ -123,6 +123,14 @@ pub trait Sink: Send + Sync + 'static {
     /// attempt (close, shutdown, deadline).
     async fn release(&self, token: &Self::Token);
 
+    /// Gives back a message whose handler the shutdown deadline cut off.
+    /// Not an attempt either, but the broker may count it as a delivery
+    /// (as it would a crash) so that an event no handler ever finishes
+    /// reaches the delivery limit. Default: [`Sink::release`].
+    async fn abandon(&self, token: &Self::Token) {
+        self.release(token).await;
+    }
+
     /// How often held messages need [`Sink::keep_alive`], if ever.
     fn keep_alive_every(&self) -> Option<Duration> {
         None
@@ -626,7 +634,7 @@ async fn handle<K: Sink>(shared: Arc<Shared<K>>, mut item: Item<K::Token>) -> Do
                         _ = shared.signals.stop.cancelled() => {
                             // The deadline: not a failure, not an attempt.
                             if sink.owns(&item.token) {
-                                sink.release(&item.token).await;
+                                sink.abandon(&item.token).await;
                             }
                             return Done::Abandoned(item);
                         }

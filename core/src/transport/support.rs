@@ -187,22 +187,34 @@ pub fn dead_letter_from(
 
 /// The checks every broker transport makes before sending: headers
 /// without CR/LF and not posing as CloudEvents attributes, an event
-/// name fit for a topic or subject, and an encoded payload (which a
+/// name fit for a topic or subject, an encoded payload (which a
 /// [`crate::Bus`] always provides to transports that do not share
-/// values). Returns the payload.
+/// values), no larger than `max_payload` bytes if given
+/// ([`ErrorKind::PayloadTooLarge`]). Returns the payload.
 pub fn outgoing<'a>(
     envelope: &'a crate::transport::Envelope,
     transport: &str,
+    max_payload: Option<usize>,
 ) -> Result<&'a bytes::Bytes> {
     let attrs = envelope.attributes();
     attrs.validate()?;
     crate::validate_name(&attrs.event_type)?;
-    envelope.payload_bytes().ok_or_else(|| {
+    let payload = envelope.payload_bytes().ok_or_else(|| {
         Error::new(
             ErrorKind::Encode,
             format!("the {transport} transport carries encoded payloads; publish through a Bus"),
         )
-    })
+    })?;
+    match max_payload {
+        Some(max) if payload.len() > max => Err(Error::new(
+            ErrorKind::PayloadTooLarge,
+            format!(
+                "{} bytes is over the {transport} transport's limit of {max}",
+                payload.len()
+            ),
+        )),
+        _ => Ok(payload),
+    }
 }
 
 /// Whether `name` starts with `prefix`, ASCII case ignored. Never

@@ -317,7 +317,7 @@ impl Transport for KafkaTransport {
 
     async fn publish(&self, envelope: Envelope) -> Result<()> {
         let _open = self.inner.host.admit().await?;
-        let payload = outgoing(&envelope, "Kafka")?;
+        let payload = outgoing(&envelope, "Kafka", None)?;
         let room = self
             .inner
             .config

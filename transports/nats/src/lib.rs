@@ -17,7 +17,7 @@ use seambus::transport::{
     Capabilities, Consumer, DeadLetter, DeliveryHandler, GroupId, ShutdownReport, SubscriptionSpec,
     Transport,
 };
-use seambus::{Envelope, Error, ErrorKind, Result};
+use seambus::{Envelope, Result};
 use uuid::Uuid;
 
 pub use config::{Auth, NatsConfig, Retention, Storage, StreamSettings, TlsSettings};
@@ -244,18 +244,8 @@ impl Transport for NatsTransport {
 
     async fn publish(&self, envelope: Envelope) -> Result<()> {
         let _open = self.inner.host.admit().await?;
-        let payload = outgoing(&envelope, "NATS")?.clone();
+        let payload = outgoing(&envelope, "NATS", Some(self.inner.max_payload))?.clone();
         let attrs = envelope.attributes();
-        if payload.len() > self.inner.max_payload {
-            return Err(Error::new(
-                ErrorKind::PayloadTooLarge,
-                format!(
-                    "{} bytes is over the server's limit of {}",
-                    payload.len(),
-                    self.inner.max_payload
-                ),
-            ));
-        }
         let subject = event_subject(&self.inner.config.subject_prefix, &attrs.event_type);
         let id = attrs.id.to_string();
         publish_confirmed(

@@ -24,7 +24,7 @@ use seambus::transport::{
     Capabilities, Consumer, DeadLetter, DeliveryHandler, GroupId, ShutdownReport, SubscriptionSpec,
     Transport,
 };
-use seambus::{Envelope, Error, ErrorKind, Result};
+use seambus::{Envelope, Error, Result};
 use uuid::Uuid;
 
 pub use config::{QueueType, RabbitMqConfig, TlsSettings};
@@ -269,18 +269,9 @@ impl Transport for RabbitMqTransport {
 
     async fn publish(&self, envelope: Envelope) -> Result<()> {
         let _open = self.inner.host.admit().await?;
-        let payload = outgoing(&envelope, "RabbitMQ")?;
+        let max = self.inner.config.max_message_size;
+        let payload = outgoing(&envelope, "RabbitMQ", Some(max))?;
         let attrs = envelope.attributes();
-        if payload.len() > self.inner.config.max_message_size {
-            return Err(Error::new(
-                ErrorKind::PayloadTooLarge,
-                format!(
-                    "{} bytes is over the broker's max message size of {}",
-                    payload.len(),
-                    self.inner.config.max_message_size
-                ),
-            ));
-        }
         let routed = publish_routed(
             &self.inner.connector,
             &self.inner.config.exchange,
