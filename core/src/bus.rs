@@ -429,6 +429,62 @@ impl Bus {
         &self.inner.transports[self.inner.route_index(event_name)].0
     }
 
+    /// Publishes an encoded envelope on its event's route: one that
+    /// [`Module::encode`] made and that was stored meanwhile (the outbox's
+    /// relay forwards with it). It keeps its id, time and attributes, so a
+    /// forward repeated after a crash is the same event again (dedupe by
+    /// id). Fails as a publish does (`Closed`, the route's payload limit,
+    /// the transport's errors), and with `Encode` for an envelope that
+    /// holds a value instead of bytes.
+    pub async fn forward(&self, envelope: Envelope) -> Result<()> {
+        let bus = &*self.inner;
+        if bus.closed.load(SeqCst) {
+            return Err(Error::closed());
+        }
+        envelope.attributes().validate()?;
+        let Some(size) = envelope.payload_bytes().map(|b| b.len()) else {
+            return Err(Error::new(
+                ErrorKind::Encode,
+                "only an encoded envelope (from Module::encode) can be forwarded",
+            ));
+        };
+        let index = bus.route_index(envelope.event_type());
+        if let Some(limit) = bus.capabilities[index].max_payload {
+            if size > limit {
+                return Err(Error::new(
+                    ErrorKind::PayloadTooLarge,
+                    format!(
+                        "{} is {size} bytes, over its route's limit of {limit}",
+                        envelope.event_type()
+                    ),
+                ));
+            }
+        }
+        let module = envelope.attributes().source.to_string();
+        self.send(index, envelope, &module).await
+    }
+
+    /// Hands `envelope` to the transport of route `index`.
+    async fn send(&self, index: usize, envelope: Envelope, module: &str) -> Result<()> {
+        let (name, transport) = &self.inner.transports[index];
+        match transport.try_publish(envelope) {
+            TryPublish::Done(result) => result,
+            TryPublish::Pending(envelope) => {
+                // Only a publish that waits gets a span: one that finished
+                // at once has nothing to trace inside.
+                let span = tracing::debug_span!(
+                    "seambus.publish",
+                    %module,
+                    event = %envelope.event_type(),
+                    version = envelope.data_version(),
+                    id = %envelope.id(),
+                    transport = %name,
+                );
+                transport.publish(envelope).instrument(span).await
+            }
+        }
+    }
+
     /// Stops every transport: no new publishes, in-flight handlers finish
     /// until `deadline`, what is left is reported (and left unacknowledged
     /// on brokers, for redelivery).
@@ -552,7 +608,37 @@ impl Module {
     /// Publishes with [`PublishOptions`].
     pub async fn publish_with<E: Event>(&self, event: E, options: PublishOptions) -> Result<Uuid> {
         let bus = &*self.bus.inner;
-        if bus.closed.load(SeqCst) {
+        let attrs = self.checked_attributes::<E>(options)?;
+        let index = bus.route_index(E::NAME);
+        let caps = &bus.capabilities[index];
+        let envelope = if caps.shares_values && !bus.verify_codec {
+            Envelope::typed(attrs, event)
+        } else {
+            let limit = caps
+                .max_payload
+                .map_or(bus.max_payload, |m| m.min(bus.max_payload));
+            Envelope::from_bytes(attrs, self.encoded(&event, limit)?)
+        };
+        let id = envelope.id();
+        self.bus.send(index, envelope, &self.name).await?;
+        Ok(id)
+    }
+
+    /// The envelope [`Module::publish_with`] would send, encoded with the
+    /// bus's codec, without sending it: for an event stored now and sent
+    /// later (an outbox), through [`Bus::forward`]. Checked as a publish
+    /// is (owner, name, version, headers, the bus's payload limit); the
+    /// route's own limit is checked when it is forwarded.
+    pub fn encode<E: Event>(&self, event: E, options: PublishOptions) -> Result<Envelope> {
+        let attrs = self.checked_attributes::<E>(options)?;
+        let bytes = self.encoded(&event, self.bus.inner.max_payload)?;
+        Ok(Envelope::from_bytes(attrs, bytes))
+    }
+
+    /// The attributes of a new event of this module, after the checks
+    /// every publish makes.
+    fn checked_attributes<E: Event>(&self, options: PublishOptions) -> Result<Attributes> {
+        if self.bus.inner.closed.load(SeqCst) {
             return Err(Error::closed());
         }
         if E::MODULE != self.name {
@@ -575,59 +661,37 @@ impl Module {
                 format!("{}: versions start at 1", E::NAME),
             ));
         }
-        let attrs = self.attributes::<E>(options)?;
-        let index = bus.route_index(E::NAME);
-        let (_, transport) = &bus.transports[index];
-        let caps = &bus.capabilities[index];
-        let envelope = if caps.shares_values && !bus.verify_codec {
-            Envelope::typed(attrs, event)
-        } else {
-            let bytes = bus.codecs.default.encode(&event)?;
-            let limit = caps
-                .max_payload
-                .map_or(bus.max_payload, |m| m.min(bus.max_payload));
-            if bytes.len() > limit {
-                return Err(Error::new(
-                    ErrorKind::PayloadTooLarge,
-                    format!(
-                        "{} encodes to {} bytes, over the limit of {limit}",
-                        E::NAME,
-                        bytes.len()
-                    ),
-                ));
-            }
-            if bus.verify_codec {
-                crate::codec::decode::<E>(&*bus.codecs.default, &bytes).map_err(|e| {
-                    Error::new(
-                        ErrorKind::Decode,
-                        format!(
-                            "{} does not survive its codec (it could not cross a broker): {}",
-                            std::any::type_name::<E>(),
-                            e.message()
-                        ),
-                    )
-                })?;
-            }
-            Envelope::from_bytes(attrs, bytes)
-        };
-        let id = envelope.id();
-        match transport.try_publish(envelope) {
-            TryPublish::Done(result) => result?,
-            TryPublish::Pending(envelope) => {
-                // Only a publish that waits gets a span: one that finished
-                // at once has nothing to trace inside.
-                let span = tracing::debug_span!(
-                    "seambus.publish",
-                    module = %self.name,
-                    event = E::NAME,
-                    version = E::VERSION,
-                    %id,
-                    transport = %bus.transports[index].0,
-                );
-                transport.publish(envelope).instrument(span).await?
-            }
+        self.attributes::<E>(options)
+    }
+
+    /// `event` encoded with the bus's codec, at most `limit` bytes (and,
+    /// in test mode, checked to decode again).
+    fn encoded<E: Event>(&self, event: &E, limit: usize) -> Result<bytes::Bytes> {
+        let bus = &*self.bus.inner;
+        let bytes = bus.codecs.default.encode(event)?;
+        if bytes.len() > limit {
+            return Err(Error::new(
+                ErrorKind::PayloadTooLarge,
+                format!(
+                    "{} encodes to {} bytes, over the limit of {limit}",
+                    E::NAME,
+                    bytes.len()
+                ),
+            ));
         }
-        Ok(id)
+        if bus.verify_codec {
+            crate::codec::decode::<E>(&*bus.codecs.default, &bytes).map_err(|e| {
+                Error::new(
+                    ErrorKind::Decode,
+                    format!(
+                        "{} does not survive its codec (it could not cross a broker): {}",
+                        std::any::type_name::<E>(),
+                        e.message()
+                    ),
+                )
+            })?;
+        }
+        Ok(bytes.into())
     }
 
     fn attributes<E: Event>(&self, options: PublishOptions) -> Result<Attributes> {

@@ -926,3 +926,43 @@ async fn stats_report_handling_time_percentiles() {
     assert!(stats.handling_p99 >= Duration::from_millis(20), "{stats:?}");
     assert!(stats.handling_max >= stats.handling_p99, "{stats:?}");
 }
+
+#[tokio::test]
+async fn an_encoded_envelope_is_forwarded_later_as_the_same_event() {
+    let bus = Bus::new();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let _sub = bus
+        .module("billing")
+        .subscribe(forward::<OrderPlacedV1>(tx))
+        .await
+        .unwrap();
+    // Checked as a publish is: only the owner encodes its events.
+    let err = bus
+        .module("billing")
+        .encode(OrderPlacedV1 { order_id: 7 }, PublishOptions::new())
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotOwner);
+    let envelope = bus
+        .module("orders")
+        .encode(
+            OrderPlacedV1 { order_id: 7 },
+            PublishOptions::new().key("order-7"),
+        )
+        .unwrap();
+    assert!(envelope.payload_bytes().is_some(), "encoded, to be stored");
+    let id = envelope.id();
+    bus.forward(envelope.clone()).await.unwrap();
+    let (event, ctx) = rx.recv().await.unwrap();
+    assert_eq!(event, OrderPlacedV1 { order_id: 7 });
+    assert_eq!(ctx.envelope().id(), id, "the stored id, not a new one");
+    assert_eq!(
+        ctx.envelope().attributes().partition_key.as_deref(),
+        Some("order-7")
+    );
+    // Nothing is forwarded after shutdown.
+    bus.shutdown(Duration::from_secs(1)).await.unwrap();
+    assert_eq!(
+        bus.forward(envelope).await.unwrap_err().kind(),
+        ErrorKind::Closed
+    );
+}

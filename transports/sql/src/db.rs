@@ -84,6 +84,13 @@ pub(crate) struct Sql {
     pub(crate) delete_dead: String,
     pub(crate) delete_dead_of_group: String,
     pub(crate) delete_group: [String; 3],
+    pub(crate) outbox_insert: String,
+    pub(crate) outbox_count: String,
+    pub(crate) outbox_take: String,
+    pub(crate) outbox_delete: String,
+    pub(crate) outbox_set_aside: String,
+    pub(crate) relay_lease: String,
+    pub(crate) relay_release: String,
     create: Vec<String>,
     read_version: String,
     write_version: String,
@@ -105,6 +112,7 @@ impl Sql {
             table("dead_letters"),
             table("meta"),
         );
+        let (outbox, leases) = (table("outbox"), table("leases"));
         // Times are the database's, in milliseconds since the epoch, so
         // leases do not depend on the clocks of the processes.
         let now = if postgres {
@@ -195,11 +203,20 @@ impl Sql {
                 "CREATE INDEX IF NOT EXISTS {} ON {dead} (grp, id)",
                 index("dead_by_group")
             ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {outbox} (id {serial}, event_type TEXT NOT NULL, \
+                 pkey TEXT, headers TEXT NOT NULL, payload {bytes} NOT NULL, \
+                 created_at BIGINT NOT NULL)"
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {leases} (name TEXT PRIMARY KEY, holder TEXT NOT NULL, \
+                 until BIGINT NOT NULL)"
+            ),
         ]);
         let drop = if postgres {
             vec![format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE")]
         } else {
-            [&groups, &queue, &dead, &meta]
+            [&groups, &queue, &dead, &meta, &outbox, &leases]
                 .iter()
                 .map(|t| format!("DROP TABLE IF EXISTS {t}"))
                 .collect()
@@ -262,6 +279,34 @@ impl Sql {
                 format!("DELETE FROM {dead} WHERE grp = $1"),
                 format!("DELETE FROM {groups} WHERE name = $1"),
             ],
+            outbox_insert: if postgres {
+                format!(
+                    "WITH written AS (INSERT INTO {outbox} (event_type, pkey, headers, payload, \
+                     created_at) VALUES ($1, $2, $3, $4, {now}) RETURNING id) \
+                     SELECT pg_notify($5, 'outbox') FROM written"
+                )
+            } else {
+                format!(
+                    "INSERT INTO {outbox} (event_type, pkey, headers, payload, created_at) \
+                     VALUES ($1, $2, $3, $4, {now})"
+                )
+            },
+            outbox_count: format!("SELECT COUNT(*) FROM {outbox}"),
+            outbox_take: format!("SELECT id, headers, payload FROM {outbox} ORDER BY id LIMIT $1"),
+            outbox_delete: format!("DELETE FROM {outbox} WHERE id = $1"),
+            outbox_set_aside: format!(
+                "INSERT INTO {dead} (grp, pkey, headers, payload, reason, error, attempts, dead_at) \
+                 SELECT 'outbox', pkey, headers, payload, $2, $3, 0, {now} FROM {outbox} \
+                 WHERE id = $1"
+            ),
+            relay_lease: format!(
+                "INSERT INTO {leases} (name, holder, until) VALUES ('relay', $1, {now} + $2) \
+                 ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, until = excluded.until \
+                 WHERE {leases}.holder = excluded.holder OR {leases}.until < {now}"
+            ),
+            relay_release: format!(
+                "UPDATE {leases} SET until = 0 WHERE name = 'relay' AND holder = $1"
+            ),
             read_version: format!("SELECT MAX(version) FROM {meta}"),
             write_version: format!("INSERT INTO {meta} (version) VALUES ($1)"),
             create,

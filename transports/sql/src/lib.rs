@@ -2,6 +2,7 @@
 
 mod config;
 mod db;
+mod outbox;
 mod source;
 mod wire;
 
@@ -21,6 +22,7 @@ use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 pub use config::SqlConfig;
+pub use outbox::{Outbox, OutboxConnection, Relay};
 
 use crate::db::{db_error, on_pool, Pool, Sql};
 use crate::source::Wakers;
@@ -81,7 +83,8 @@ impl SqlTransport {
         *inner
             .listener
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = source::listen(&inner);
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            source::listen(&inner.pool, &inner.sql.channel, inner.wakers.clone());
         Ok(Self { inner })
     }
 

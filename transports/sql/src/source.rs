@@ -28,7 +28,7 @@ pub(crate) struct Wakers {
 }
 
 impl Wakers {
-    fn of(&self, group: &str) -> Arc<Notify> {
+    pub(crate) fn of(&self, group: &str) -> Arc<Notify> {
         self.groups
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -66,49 +66,40 @@ impl Wakers {
 }
 
 /// Listens on the schema's channel (PostgreSQL) and wakes the groups named
-/// in the notifications, until the transport shuts down. After a lost
-/// connection it wakes everybody, since notifications may have been missed.
-pub(crate) fn listen(inner: &Arc<Inner>) -> Option<JoinHandle<()>> {
-    let Pool::Postgres(pool) = &inner.pool else {
+/// in the notifications, until aborted. After a lost connection it wakes
+/// everybody, since notifications may have been missed. `None` on SQLite.
+pub(crate) fn listen(pool: &Pool, channel: &str, wakers: Arc<Wakers>) -> Option<JoinHandle<()>> {
+    let Pool::Postgres(pool) = pool else {
         return None;
     };
-    let (pool, channel) = (pool.clone(), inner.sql.channel.clone());
-    let (wakers, closing) = (inner.wakers.clone(), inner.host.closing().clone());
+    let (pool, channel) = (pool.clone(), channel.to_owned());
     Some(tokio::spawn(async move {
-        let work = async {
+        loop {
+            let listener = async {
+                let mut l = sqlx::postgres::PgListener::connect_with(&pool).await?;
+                l.listen(&channel).await?;
+                Ok::<_, sqlx::Error>(l)
+            };
+            let mut listener = match listener.await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for new events; polling meanwhile");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            wakers.wake_all();
             loop {
-                let listener = async {
-                    let mut l = sqlx::postgres::PgListener::connect_with(&pool).await?;
-                    l.listen(&channel).await?;
-                    Ok::<_, sqlx::Error>(l)
-                };
-                let mut listener = match listener.await {
-                    Ok(l) => l,
+                match listener.try_recv().await {
+                    Ok(Some(n)) => wakers.wake(n.payload()),
+                    // Reconnected: what came meanwhile is unknown.
+                    Ok(None) => wakers.wake_all(),
                     Err(e) => {
-                        tracing::warn!(error = %e, "cannot listen for new events; consumers poll meanwhile");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                        continue;
-                    }
-                };
-                wakers.wake_all();
-                loop {
-                    match listener.try_recv().await {
-                        Ok(Some(n)) => wakers.wake(n.payload()),
-                        Ok(None) => {
-                            // Reconnected: what came meanwhile is unknown.
-                            wakers.wake_all();
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "lost the notification connection; listening again");
-                            break;
-                        }
+                        tracing::warn!(error = %e, "lost the notification connection; listening again");
+                        break;
                     }
                 }
             }
-        };
-        tokio::select! {
-            () = work => {}
-            () = closing.cancelled() => {}
         }
     }))
 }
