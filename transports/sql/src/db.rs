@@ -296,7 +296,7 @@ impl Sql {
             outbox_delete: format!("DELETE FROM {outbox} WHERE id = $1"),
             outbox_set_aside: format!(
                 "INSERT INTO {dead} (grp, pkey, headers, payload, reason, error, attempts, dead_at) \
-                 SELECT 'outbox', pkey, headers, payload, $2, $3, 0, {now} FROM {outbox} \
+                 SELECT 'seambus:outbox', pkey, headers, payload, $2, $3, 0, {now} FROM {outbox} \
                  WHERE id = $1"
             ),
             relay_lease: format!(

@@ -125,28 +125,7 @@ impl SqlTransport {
     }
 
     async fn dead_rows(&self, group: &GroupId) -> Result<Vec<DeadRow>> {
-        let failed = |e| db_error(&format!("read the dead letters of {group}"), e);
-        on_pool!(&self.inner.pool, p => {
-            sqlx::query(&self.inner.sql.list_dead)
-                .bind(group.to_string())
-                .fetch_all(p)
-                .await
-                .map_err(failed)?
-                .into_iter()
-                .map(|row| {
-                    Ok(DeadRow {
-                        id: row.try_get("id")?,
-                        headers: row.try_get("headers")?,
-                        payload: row.try_get("payload")?,
-                        reason: row.try_get("reason")?,
-                        error: row.try_get("error")?,
-                        attempts: row.try_get("attempts")?,
-                        dead_at: row.try_get("dead_at")?,
-                    })
-                })
-                .collect::<std::result::Result<Vec<_>, sqlx::Error>>()
-                .map_err(failed)
-        })
+        dead_rows(&self.inner.pool, &self.inner.sql, group).await
     }
 
     /// Declares the group (idempotently); an existing group of another
@@ -335,4 +314,30 @@ impl Transport for SqlTransport {
         on_pool!(&self.inner.pool, p => p.close().await);
         Ok(report)
     }
+}
+
+/// The stored dead letters of `group`, oldest first.
+pub(crate) async fn dead_rows(pool: &Pool, sql: &Sql, group: &GroupId) -> Result<Vec<DeadRow>> {
+    let failed = |e| db_error(&format!("read the dead letters of {group}"), e);
+    on_pool!(pool, p => {
+        sqlx::query(&sql.list_dead)
+            .bind(group.to_string())
+            .fetch_all(p)
+            .await
+            .map_err(failed)?
+            .into_iter()
+            .map(|row| {
+                Ok(DeadRow {
+                    id: row.try_get("id")?,
+                    headers: row.try_get("headers")?,
+                    payload: row.try_get("payload")?,
+                    reason: row.try_get("reason")?,
+                    error: row.try_get("error")?,
+                    attempts: row.try_get("attempts")?,
+                    dead_at: row.try_get("dead_at")?,
+                })
+            })
+            .collect::<std::result::Result<Vec<_>, sqlx::Error>>()
+            .map_err(failed)
+    })
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
+use seambus::transport::{DeadLetter, GroupId};
 use seambus::{Bus, Envelope, Error, ErrorKind, Event, Module, PublishOptions, Result};
 use sqlx::Row;
 use tokio::sync::Notify;
@@ -189,6 +190,22 @@ impl Outbox {
         Ok(envelope.id())
     }
 
+    /// The group under which events no route would take are set aside
+    /// (`seambus:outbox`): discard them with
+    /// [`SqlTransport::discard_dead_letters`](seambus::transport::Transport::discard_dead_letters)
+    /// on this group.
+    pub fn group() -> GroupId {
+        GroupId::new("seambus", "outbox")
+    }
+
+    /// The events set aside because no route would take them (or their
+    /// row was not an envelope), as dead letters with the reason.
+    pub async fn set_aside(&self) -> Result<Vec<DeadLetter>> {
+        let group = Self::group();
+        let rows = crate::dead_rows(&self.inner.pool, &self.inner.sql, &group).await?;
+        Ok(rows.iter().map(|row| row.dead_letter(&group)).collect())
+    }
+
     /// Events written and not forwarded yet.
     pub async fn pending(&self) -> Result<u64> {
         let n: i64 = on_pool!(&self.inner.pool, p => {
@@ -355,7 +372,7 @@ async fn forward(inner: &Inner, bus: &Bus, id: i64, envelope: Envelope) -> Resul
 }
 
 /// Moves an outbox row no retry can forward to the dead letters of the
-/// group `outbox`, where it can be listed, and discarded or fixed.
+/// group [`Outbox::group`], where [`Outbox::set_aside`] lists them.
 async fn set_aside(inner: &Inner, id: i64, reason: &str, error: &str) -> Result<()> {
     let failed = |e| db_error("set an outbox row aside", e);
     let error = seambus::transport::support::header_text(error);

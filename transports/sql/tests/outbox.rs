@@ -181,6 +181,73 @@ async fn committed_while_no_relay_ran_is_forwarded_in_order(backend: Backend) {
     harness.cleanup(&ns).await;
 }
 
+async fn an_event_no_route_takes_is_set_aside_not_blocking(backend: Backend) {
+    let harness = common::Sql {
+        backend,
+        restart: false,
+    };
+    if !broker_ready(&harness) {
+        return;
+    }
+    let ns = namespace("outbox-aside");
+    let config = common::config(backend, &ns);
+    let outbox = Outbox::connect(config.clone()).await.expect("outbox");
+    // The route takes at most 40 bytes: ping 1 fits, ping 2's body not.
+    let transport = SqlTransport::connect(config.clone().with_max_payload(40))
+        .await
+        .expect("transport");
+    let bus = Bus::builder()
+        .transport("sql", transport)
+        .build()
+        .expect("bus");
+    let seen = Seen::default();
+    let _sub = subscribe(&bus, &seen).await;
+    let module = bus.module("conformance");
+    macro_rules! in_tx {
+        ($pool:expr) => {{
+            let pool = $pool;
+            let mut tx = pool.begin().await.expect("begin");
+            for (seq, body) in [(2, "x".repeat(100)), (1, String::new())] {
+                outbox
+                    .publish(&mut *tx, &module, Ping { seq, body })
+                    .await
+                    .expect("publish in the transaction");
+            }
+            tx.commit().await.expect("commit");
+        }};
+    }
+    match backend {
+        Backend::Postgres => in_tx!(sqlx::PgPool::connect(&config.url).await.expect("connect")),
+        Backend::Sqlite => in_tx!(sqlx::SqlitePool::connect(&config.url)
+            .await
+            .expect("connect")),
+    }
+    let relay = outbox.relay(bus.clone());
+    poll_until("the event after the refused one", || async {
+        handled(&seen) == 1
+    })
+    .await;
+    let aside = outbox.set_aside().await.expect("set aside");
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    assert!(aside[0].error.contains("limit"), "{}", aside[0].error);
+    assert_eq!(outbox.pending().await.unwrap(), 0);
+    relay.stop().await;
+    bus.shutdown(Duration::from_secs(5))
+        .await
+        .expect("shutdown");
+    harness.cleanup(&ns).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_an_event_no_route_takes_is_set_aside_not_blocking() {
+    an_event_no_route_takes_is_set_aside_not_blocking(Backend::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_an_event_no_route_takes_is_set_aside_not_blocking() {
+    an_event_no_route_takes_is_set_aside_not_blocking(Backend::Sqlite).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_rolled_back_is_never_sent_committed_is() {
     rolled_back_is_never_sent_committed_is(Backend::Postgres).await;
