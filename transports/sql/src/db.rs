@@ -91,6 +91,7 @@ pub(crate) struct Sql {
     pub(crate) outbox_set_aside: String,
     pub(crate) relay_lease: String,
     pub(crate) relay_release: String,
+    pub(crate) inbox_insert: String,
     create: Vec<String>,
     read_version: String,
     write_version: String,
@@ -98,7 +99,7 @@ pub(crate) struct Sql {
 }
 
 impl Sql {
-    fn new(postgres: bool, schema: &str) -> Self {
+    pub(crate) fn new(postgres: bool, schema: &str) -> Self {
         let table = |name: &str| {
             if postgres {
                 format!("\"{schema}\".{name}")
@@ -112,7 +113,7 @@ impl Sql {
             table("dead_letters"),
             table("meta"),
         );
-        let (outbox, leases) = (table("outbox"), table("leases"));
+        let (outbox, leases, inbox) = (table("outbox"), table("leases"), table("inbox"));
         // Times are the database's, in milliseconds since the epoch, so
         // leases do not depend on the clocks of the processes.
         let now = if postgres {
@@ -212,11 +213,15 @@ impl Sql {
                 "CREATE TABLE IF NOT EXISTS {leases} (name TEXT PRIMARY KEY, holder TEXT NOT NULL, \
                  until BIGINT NOT NULL)"
             ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {inbox} (grp TEXT NOT NULL, id TEXT NOT NULL, \
+                 handled_at BIGINT NOT NULL, PRIMARY KEY (grp, id))"
+            ),
         ]);
         let drop = if postgres {
             vec![format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE")]
         } else {
-            [&groups, &queue, &dead, &meta, &outbox, &leases]
+            [&groups, &queue, &dead, &meta, &outbox, &leases, &inbox]
                 .iter()
                 .map(|t| format!("DROP TABLE IF EXISTS {t}"))
                 .collect()
@@ -307,6 +312,10 @@ impl Sql {
             relay_release: format!(
                 "UPDATE {leases} SET until = 0 WHERE name = 'relay' AND holder = $1"
             ),
+            inbox_insert: format!(
+                "INSERT INTO {inbox} (grp, id, handled_at) VALUES ($1, $2, {now}) \
+                 ON CONFLICT (grp, id) DO NOTHING"
+            ),
             read_version: format!("SELECT MAX(version) FROM {meta}"),
             write_version: format!("INSERT INTO {meta} (version) VALUES ($1)"),
             create,
@@ -332,10 +341,8 @@ fn is_postgres(url: &str) -> Result<bool> {
     }
 }
 
-/// Connects, then creates or checks the schema (idempotently, safe with
-/// several processes starting at once).
-pub(crate) async fn open(config: &SqlConfig) -> Result<(Pool, Sql)> {
-    let schema = &config.schema;
+/// A schema name is part of the SQL text: letters, digits and `_` only.
+pub(crate) fn check_schema(schema: &str) -> Result<()> {
     if schema.is_empty()
         || schema.len() > 40
         || !schema
@@ -347,6 +354,14 @@ pub(crate) async fn open(config: &SqlConfig) -> Result<(Pool, Sql)> {
             format!("schema {schema:?} must be 1 to 40 letters, digits or `_`"),
         ));
     }
+    Ok(())
+}
+
+/// Connects, then creates or checks the schema (idempotently, safe with
+/// several processes starting at once).
+pub(crate) async fn open(config: &SqlConfig) -> Result<(Pool, Sql)> {
+    let schema = &config.schema;
+    check_schema(schema)?;
     let postgres = is_postgres(&config.url)?;
     let shown = redact(&config.url);
     let connect_error = |e: sqlx::Error| db_error(&format!("connect to {shown}"), e);
@@ -381,7 +396,7 @@ pub(crate) async fn open(config: &SqlConfig) -> Result<(Pool, Sql)> {
     Ok((pool, sql))
 }
 
-async fn migrate(pool: &Pool, sql: &Sql, schema: &str) -> Result<()> {
+pub(crate) async fn migrate(pool: &Pool, sql: &Sql, schema: &str) -> Result<()> {
     let failed = |e| db_error(&format!("create the tables of schema {schema}"), e);
     on_pool!(pool, p => {
         let mut tx = p.begin().await.map_err(failed)?;

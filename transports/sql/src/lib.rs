@@ -2,6 +2,7 @@
 
 mod config;
 mod db;
+mod inbox;
 mod outbox;
 mod source;
 mod wire;
@@ -22,6 +23,7 @@ use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 pub use config::SqlConfig;
+pub use inbox::{Inbox, InboxResult};
 pub use outbox::{Outbox, OutboxConnection, Relay};
 
 use crate::db::{db_error, on_pool, Pool, Sql};
