@@ -2,7 +2,9 @@
 //! broker, with the same 512-byte JSON payload and the same guarantees.
 //!
 //! One criterion group per broker (`broker/nats`, `broker/rabbitmq`,
-//! `broker/kafka`), four members each (five for NATS), all counted in events
+//! `broker/kafka`, and the SQL transport's `broker/sql_postgres` and
+//! `broker/sql_sqlite`, see `mod sql`), four members each (five for
+//! NATS), all counted in events
 //! (`Throughput::Elements`), so the report reads as events/s and
 //! `seambus_x / raw_x` is the adapter's cost:
 //!
@@ -177,6 +179,36 @@ async fn seambus_publish_n(module: &Module, blob: &Blob, n: u64) -> Res<()> {
         module.publish(blob.clone()).await?;
     }
     Ok(())
+}
+
+/// `iters` measured rounds of `events` publishes. Without a consumer
+/// (`counter`), `purge` empties the destination before each round, outside
+/// the measured time; with one, a round ends once it handled them all.
+async fn timed_rounds<P, Q>(
+    iters: u64,
+    events: u64,
+    counter: Option<&Counter>,
+    purge: impl Fn() -> P,
+    publish: impl Fn(u64) -> Q,
+) -> Res<Duration>
+where
+    P: Future<Output = Res<()>>,
+    Q: Future<Output = Res<()>>,
+{
+    let mut total = Duration::ZERO;
+    for _ in 0..iters {
+        match counter {
+            None => purge().await?,
+            Some(c) => c.reset(events),
+        }
+        let start = Instant::now();
+        publish(events).await?;
+        if let Some(c) = counter {
+            c.wait().await?;
+        }
+        total += start.elapsed();
+    }
+    Ok(total)
 }
 
 /// A consumer task of a raw client, stopped on request.
@@ -404,25 +436,9 @@ mod nats {
 
     impl Case for Seambus {
         async fn rounds(&self, iters: u64) -> Res<Duration> {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                match &self.counter {
-                    None => {
-                        self.stream.purge().await?;
-                        let start = Instant::now();
-                        seambus_publish_n(&self.module, &self.blob, EVENTS).await?;
-                        total += start.elapsed();
-                    }
-                    Some(counter) => {
-                        counter.reset(EVENTS);
-                        let start = Instant::now();
-                        seambus_publish_n(&self.module, &self.blob, EVENTS).await?;
-                        counter.wait().await?;
-                        total += start.elapsed();
-                    }
-                }
-            }
-            Ok(total)
+            let purge = || async { Ok(self.stream.clone().purge().await.map(|_| ())?) };
+            let publish = |n| seambus_publish_n(&self.module, &self.blob, n);
+            timed_rounds(iters, EVENTS, self.counter.as_deref(), purge, publish).await
         }
 
         async fn teardown(self) -> Res<()> {
@@ -569,25 +585,9 @@ mod nats {
 
     impl Case for Raw {
         async fn rounds(&self, iters: u64) -> Res<Duration> {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                match &self.consumer {
-                    None => {
-                        self.stream.purge().await?;
-                        let start = Instant::now();
-                        self.publish_n(EVENTS).await?;
-                        total += start.elapsed();
-                    }
-                    Some((counter, _)) => {
-                        counter.reset(EVENTS);
-                        let start = Instant::now();
-                        self.publish_n(EVENTS).await?;
-                        counter.wait().await?;
-                        total += start.elapsed();
-                    }
-                }
-            }
-            Ok(total)
+            let purge = || async { Ok(self.stream.clone().purge().await.map(|_| ())?) };
+            let counter = self.consumer.as_ref().map(|(c, _)| &**c);
+            timed_rounds(iters, EVENTS, counter, purge, |n| self.publish_n(n)).await
         }
 
         async fn teardown(self) -> Res<()> {
@@ -713,29 +713,16 @@ mod rabbitmq {
 
     impl Case for Seambus {
         async fn rounds(&self, iters: u64) -> Res<Duration> {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                match (&self.counter, &self.purge) {
-                    (Some(counter), _) => {
-                        counter.reset(EVENTS);
-                        let start = Instant::now();
-                        seambus_publish_n(&self.module, &self.blob, EVENTS).await?;
-                        counter.wait().await?;
-                        total += start.elapsed();
-                    }
-                    (None, purge) => {
-                        if let Some((_, channel, queue)) = purge {
-                            channel
-                                .queue_purge(queue.as_str().into(), QueuePurgeOptions::default())
-                                .await?;
-                        }
-                        let start = Instant::now();
-                        seambus_publish_n(&self.module, &self.blob, EVENTS).await?;
-                        total += start.elapsed();
-                    }
+            let purge = || async {
+                if let Some((_, channel, queue)) = &self.purge {
+                    channel
+                        .queue_purge(queue.as_str().into(), QueuePurgeOptions::default())
+                        .await?;
                 }
-            }
-            Ok(total)
+                Ok(())
+            };
+            let publish = |n| seambus_publish_n(&self.module, &self.blob, n);
+            timed_rounds(iters, EVENTS, self.counter.as_deref(), purge, publish).await
         }
 
         async fn teardown(self) -> Res<()> {
@@ -889,27 +876,14 @@ mod rabbitmq {
 
     impl Case for Raw {
         async fn rounds(&self, iters: u64) -> Res<Duration> {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                match &self.consumer {
-                    None => {
-                        self.publisher
-                            .queue_purge(self.queue.as_str().into(), QueuePurgeOptions::default())
-                            .await?;
-                        let start = Instant::now();
-                        self.publish_n(EVENTS).await?;
-                        total += start.elapsed();
-                    }
-                    Some((counter, _)) => {
-                        counter.reset(EVENTS);
-                        let start = Instant::now();
-                        self.publish_n(EVENTS).await?;
-                        counter.wait().await?;
-                        total += start.elapsed();
-                    }
-                }
-            }
-            Ok(total)
+            let purge = || async {
+                self.publisher
+                    .queue_purge(self.queue.as_str().into(), QueuePurgeOptions::default())
+                    .await?;
+                Ok(())
+            };
+            let counter = self.consumer.as_ref().map(|(c, _)| &**c);
+            timed_rounds(iters, EVENTS, counter, purge, |n| self.publish_n(n)).await
         }
 
         async fn teardown(self) -> Res<()> {
@@ -1036,19 +1010,10 @@ mod kafka {
 
     impl Case for Seambus {
         async fn rounds(&self, iters: u64) -> Res<Duration> {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                if let Some(counter) = &self.counter {
-                    counter.reset(EVENTS);
-                }
-                let start = Instant::now();
-                seambus_publish_n(&self.module, &self.blob, EVENTS).await?;
-                if let Some(counter) = &self.counter {
-                    counter.wait().await?;
-                }
-                total += start.elapsed();
-            }
-            Ok(total)
+            // Kafka topics just grow.
+            let purge = || async { Ok(()) };
+            let publish = |n| seambus_publish_n(&self.module, &self.blob, n);
+            timed_rounds(iters, EVENTS, self.counter.as_deref(), purge, publish).await
         }
 
         async fn teardown(self) -> Res<()> {
@@ -1175,19 +1140,9 @@ mod kafka {
 
     impl Case for Raw {
         async fn rounds(&self, iters: u64) -> Res<Duration> {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                if let Some((counter, _)) = &self.consumer {
-                    counter.reset(EVENTS);
-                }
-                let start = Instant::now();
-                self.publish_n(EVENTS).await?;
-                if let Some((counter, _)) = &self.consumer {
-                    counter.wait().await?;
-                }
-                total += start.elapsed();
-            }
-            Ok(total)
+            let purge = || async { Ok(()) };
+            let counter = self.consumer.as_ref().map(|(c, _)| &**c);
+            timed_rounds(iters, EVENTS, counter, purge, |n| self.publish_n(n)).await
         }
 
         async fn teardown(self) -> Res<()> {
@@ -1198,6 +1153,364 @@ mod kafka {
             self.admin
                 .delete_topics(&[&self.topic], &AdminOptions::new())
                 .await?;
+            Ok(())
+        }
+    }
+}
+
+mod sql {
+    //! `broker/sql_postgres` and `broker/sql_sqlite`: the SQL transport
+    //! beside a raw client doing the same SQL on the same database (sqlx):
+    //! insert one row per publish (the schema's `queue` table layout), and
+    //! a consumer that claims rows in batches of 32 with a lease
+    //! (`UPDATE … WHERE id IN (SELECT … LIMIT 32 FOR UPDATE SKIP LOCKED)
+    //! RETURNING …`, SQLite without `SKIP LOCKED`), decodes each and
+    //! deletes it by id; when it finds nothing it waits 1 ms (the raw side
+    //! polls; the transport wakes on `NOTIFY` or its own publishes).
+    use seambus_sql::{SqlConfig, SqlTransport};
+    use sqlx::Row;
+
+    use super::*;
+
+    const EVENTS: u64 = 1_000;
+
+    #[derive(Clone, Copy)]
+    enum Db {
+        Postgres,
+        Sqlite,
+    }
+
+    impl Db {
+        fn label(self) -> &'static str {
+            match self {
+                Db::Postgres => "broker/sql_postgres",
+                Db::Sqlite => "broker/sql_sqlite",
+            }
+        }
+
+        fn url(self, run: &str) -> String {
+            match self {
+                Db::Postgres => env_or(
+                    "SEAMBUS_TEST_POSTGRES_URL",
+                    "postgres://postgres@127.0.0.1:5432/test",
+                ),
+                Db::Sqlite => format!(
+                    "sqlite://{}",
+                    std::env::temp_dir()
+                        .join(format!("seambus-bench-{run}.db"))
+                        .display()
+                ),
+            }
+        }
+
+        /// A table name of `schema` (PostgreSQL schema or SQLite prefix).
+        fn table(self, schema: &str, name: &str) -> String {
+            match self {
+                Db::Postgres => format!("\"{schema}\".{name}"),
+                Db::Sqlite => format!("\"{schema}_{name}\""),
+            }
+        }
+    }
+
+    pub(super) fn group(c: &mut Criterion, rt: &Runtime, run: &str) {
+        for db in [Db::Postgres, Db::Sqlite] {
+            let url = db.url(run);
+            if let Db::Postgres = db {
+                let addr = host_port(&url, 5432);
+                let check = async {
+                    sqlx::PgPool::connect(&url).await?;
+                    Ok(())
+                };
+                if !available(
+                    rt,
+                    db.label(),
+                    &addr,
+                    "scripts/broker start postgres",
+                    check,
+                ) {
+                    continue;
+                }
+            }
+            let mut group = c.benchmark_group(db.label());
+            configure(&mut group, EVENTS, Duration::from_secs(8));
+            for (name, consume) in [("publish", false), ("roundtrip", true)] {
+                let schema = format!("bench_{run}_{name}");
+                bench(
+                    &mut group,
+                    rt,
+                    db.label(),
+                    &format!("seambus_{name}"),
+                    || Seambus::setup(db, url.clone(), format!("{schema}_s"), consume),
+                );
+                bench(&mut group, rt, db.label(), &format!("raw_{name}"), || {
+                    Raw::setup(db, url.clone(), format!("{schema}_r"), consume)
+                });
+            }
+            group.finish();
+        }
+    }
+
+    struct Seambus {
+        transport: SqlTransport,
+        bus: Bus,
+        module: Module,
+        blob: Blob,
+        queue: String,
+        counter: Option<Arc<Counter>>,
+    }
+
+    impl Seambus {
+        async fn setup(db: Db, url: String, schema: String, consume: bool) -> Res<Self> {
+            let transport =
+                SqlTransport::connect(SqlConfig::new(url).with_schema(schema.clone())).await?;
+            let bus = Bus::builder().transport("sql", transport.clone()).build()?;
+            let module = bus.module("bench");
+            let blob = Blob::new();
+            let mut counter = None;
+            let c = Arc::new(Counter::default());
+            // Publishing reaches the groups that exist: one always does.
+            let sub = subscribe(&bus, &c).await?;
+            if consume {
+                c.reset(1);
+                module.publish(blob.clone()).await?;
+                c.wait().await?;
+                counter = Some(c);
+            } else {
+                sub.close().await?;
+            }
+            Ok(Self {
+                transport,
+                bus,
+                module,
+                blob,
+                queue: db.table(&schema, "queue"),
+                counter,
+            })
+        }
+    }
+
+    impl Case for Seambus {
+        async fn rounds(&self, iters: u64) -> Res<Duration> {
+            let purge = || self.transport_purge();
+            let publish = |n| seambus_publish_n(&self.module, &self.blob, n);
+            timed_rounds(iters, EVENTS, self.counter.as_deref(), purge, publish).await
+        }
+
+        async fn teardown(self) -> Res<()> {
+            self.bus.shutdown(Duration::from_secs(5)).await?;
+            let dropped = SqlTransport::connect(self.transport.config().clone()).await?;
+            dropped.drop_tables().await?;
+            Ok(())
+        }
+    }
+
+    impl Seambus {
+        /// Empties the queue between publish rounds (outside the time).
+        async fn transport_purge(&self) -> Res<()> {
+            raw_execute(
+                self.transport.config(),
+                &format!("DELETE FROM {}", self.queue),
+            )
+            .await
+        }
+    }
+
+    async fn raw_execute(config: &SqlConfig, sql: &str) -> Res<()> {
+        if config.url.starts_with("sqlite") {
+            let pool = sqlx::SqlitePool::connect(&config.url).await?;
+            sqlx::query(sql).execute(&pool).await?;
+        } else {
+            let pool = sqlx::PgPool::connect(&config.url).await?;
+            sqlx::query(sql).execute(&pool).await?;
+        }
+        Ok(())
+    }
+
+    enum Pool {
+        Postgres(sqlx::PgPool),
+        Sqlite(sqlx::SqlitePool),
+    }
+
+    macro_rules! on {
+        ($pool:expr, $p:ident => $body:expr) => {
+            match $pool {
+                Pool::Postgres($p) => $body,
+                Pool::Sqlite($p) => $body,
+            }
+        };
+    }
+
+    struct Raw {
+        pool: Arc<Pool>,
+        insert: String,
+        drop: Vec<String>,
+        blob: Blob,
+        consumer: Option<(Arc<Counter>, Background)>,
+        queue: String,
+    }
+
+    impl Raw {
+        async fn setup(db: Db, url: String, schema: String, consume: bool) -> Res<Self> {
+            let queue = db.table(&schema, "queue");
+            let (pool, create, drop, claim) = match db {
+                Db::Postgres => {
+                    let pool = sqlx::PgPool::connect(&url).await?;
+                    (
+                        Pool::Postgres(pool),
+                        vec![
+                            format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""),
+                            format!(
+                                "CREATE TABLE {queue} (id BIGSERIAL PRIMARY KEY, grp TEXT NOT NULL, \
+                                 pkey TEXT, headers TEXT NOT NULL, payload BYTEA NOT NULL, \
+                                 attempt BIGINT NOT NULL, delivered BIGINT NOT NULL, \
+                                 available_at BIGINT NOT NULL, locked_until BIGINT NOT NULL, \
+                                 locked_by TEXT)"
+                            ),
+                            format!("CREATE INDEX ON {queue} (grp, id)"),
+                        ],
+                        vec![format!("DROP SCHEMA \"{schema}\" CASCADE")],
+                        format!(
+                            "UPDATE {queue} SET locked_until = 1, locked_by = 'raw' WHERE id IN \
+                             (SELECT id FROM {queue} WHERE grp = 'sub' AND locked_until = 0 \
+                             ORDER BY id LIMIT 32 FOR UPDATE SKIP LOCKED) RETURNING id, payload"
+                        ),
+                    )
+                }
+                Db::Sqlite => {
+                    let options: sqlx::sqlite::SqliteConnectOptions = url.parse()?;
+                    let pool = sqlx::SqlitePool::connect_with(
+                        options
+                            .create_if_missing(true)
+                            .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+                            .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
+                            .busy_timeout(Duration::from_secs(10)),
+                    )
+                    .await?;
+                    (
+                        Pool::Sqlite(pool),
+                        vec![
+                            format!(
+                                "CREATE TABLE {queue} (id INTEGER PRIMARY KEY AUTOINCREMENT, \
+                                 grp TEXT NOT NULL, pkey TEXT, headers TEXT NOT NULL, \
+                                 payload BLOB NOT NULL, attempt BIGINT NOT NULL, \
+                                 delivered BIGINT NOT NULL, available_at BIGINT NOT NULL, \
+                                 locked_until BIGINT NOT NULL, locked_by TEXT)"
+                            ),
+                            format!("CREATE INDEX \"{schema}_by_group\" ON {queue} (grp, id)"),
+                        ],
+                        vec![format!("DROP TABLE {queue}")],
+                        format!(
+                            "UPDATE {queue} SET locked_until = 1, locked_by = 'raw' WHERE id IN \
+                             (SELECT id FROM {queue} WHERE grp = 'sub' AND locked_until = 0 \
+                             ORDER BY id LIMIT 32) RETURNING id, payload"
+                        ),
+                    )
+                }
+            };
+            for statement in &create {
+                on!(&pool, p => sqlx::query(statement).execute(p).await.map(|_| ()))?;
+            }
+            let pool = Arc::new(pool);
+            let mut raw = Self {
+                pool: pool.clone(),
+                insert: format!(
+                    "INSERT INTO {queue} (grp, pkey, headers, payload, attempt, delivered, \
+                     available_at, locked_until) VALUES ('sub', NULL, $1, $2, 1, 0, 0, 0)"
+                ),
+                drop,
+                blob: Blob::new(),
+                consumer: None,
+                queue: queue.clone(),
+            };
+            if consume {
+                let counter = Arc::new(Counter::default());
+                let c = counter.clone();
+                let delete = format!("DELETE FROM {queue} WHERE id = $1");
+                let task = Background::spawn(move |mut stop| async move {
+                    loop {
+                        let claimed: Result<Vec<(i64, Vec<u8>)>, sqlx::Error> = on!(&*pool, p => {
+                            sqlx::query(&claim).fetch_all(p).await.and_then(|rows| {
+                                rows.into_iter()
+                                    .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+                                    .collect()
+                            })
+                        });
+                        let rows = match claimed {
+                            Ok(rows) => rows,
+                            Err(e) => {
+                                eprintln!("{}: claim failed: {e}", db.label());
+                                Vec::new()
+                            }
+                        };
+                        if rows.is_empty() {
+                            tokio::select! {
+                                _ = &mut stop => break,
+                                _ = tokio::time::sleep(Duration::from_millis(1)) => continue,
+                            }
+                        }
+                        for (id, payload) in rows {
+                            match Blob::decode(&payload) {
+                                Ok(blob) => {
+                                    std::hint::black_box(blob.note.len());
+                                }
+                                Err(e) => eprintln!("{}: undecodable row: {e}", db.label()),
+                            }
+                            let deleted = on!(&*pool, p => {
+                                sqlx::query(&delete).bind(id).execute(p).await.map(|_| ())
+                            });
+                            if let Err(e) = deleted {
+                                eprintln!("{}: delete failed: {e}", db.label());
+                            }
+                            c.hit();
+                        }
+                    }
+                });
+                counter.reset(1);
+                raw.publish_n(1).await?;
+                counter.wait().await?;
+                raw.consumer = Some((counter, task));
+            }
+            Ok(raw)
+        }
+
+        /// N inserts, one after the other, each committed; the same
+        /// headers column as the transport writes (CloudEvents pairs).
+        async fn publish_n(&self, n: u64) -> Res<()> {
+            for _ in 0..n {
+                let attrs = seambus::Attributes::new("bench", "bench.blob", 1);
+                let headers = serde_json::to_string(&attrs.to_wire_headers("ce_"))?;
+                let payload = self.blob.encode();
+                on!(&*self.pool, p => {
+                    sqlx::query(&self.insert)
+                        .bind(headers)
+                        .bind(payload)
+                        .execute(p)
+                        .await
+                        .map(|_| ())
+                })?;
+            }
+            Ok(())
+        }
+    }
+
+    impl Case for Raw {
+        async fn rounds(&self, iters: u64) -> Res<Duration> {
+            let purge = || async {
+                let purge = format!("DELETE FROM {}", self.queue);
+                on!(&*self.pool, p => sqlx::query(&purge).execute(p).await.map(|_| ()))?;
+                Ok(())
+            };
+            let counter = self.consumer.as_ref().map(|(c, _)| &**c);
+            timed_rounds(iters, EVENTS, counter, purge, |n| self.publish_n(n)).await
+        }
+
+        async fn teardown(self) -> Res<()> {
+            if let Some((_, task)) = self.consumer {
+                task.stop().await;
+            }
+            for statement in &self.drop {
+                on!(&*self.pool, p => sqlx::query(statement).execute(p).await.map(|_| ()))?;
+            }
             Ok(())
         }
     }
@@ -1217,6 +1530,7 @@ fn brokers(c: &mut Criterion) {
     nats::group(c, &rt, &run);
     rabbitmq::group(c, &rt, &run);
     kafka::group(c, &rt, &run);
+    sql::group(c, &rt, &run);
 }
 
 criterion_group!(benches, brokers);

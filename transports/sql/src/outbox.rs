@@ -279,16 +279,14 @@ const AGAIN: Duration = Duration::from_millis(200);
 const AGAIN_MAX: Duration = Duration::from_secs(10);
 
 async fn relay(inner: &Inner, bus: &Bus, stop: &Stop) {
-    let wake = inner.wakers.of(RELAY);
+    let mut wake = inner.wakers.of(RELAY);
     let poll = inner.config.poll_interval.unwrap_or(match inner.pool {
         Pool::Postgres(_) => Duration::from_secs(2),
         Pool::Sqlite(_) => Duration::from_millis(100),
     });
     let mut failures = 0u32;
     while !stop.asked() {
-        let woken = wake.notified();
-        tokio::pin!(woken);
-        woken.as_mut().enable();
+        wake.borrow_and_update();
         let step = async {
             if !take_lease(inner).await? {
                 return Ok::<_, Error>(false);
@@ -311,7 +309,7 @@ async fn relay(inner: &Inner, bus: &Bus, stop: &Stop) {
             }
         };
         tokio::select! {
-            () = &mut woken => {}
+            _ = wake.changed() => {}
             () = tokio::time::sleep(pause) => {}
             () = stop.woken.notified() => {}
         }

@@ -14,27 +14,30 @@ use seambus::transport::engine::{self, Fetch, Fetched, Limits, Verdict};
 use seambus::transport::{Consumer, DeliveryHandler, Ordering, SubscriptionSpec};
 use seambus::{Envelope, Result};
 use sqlx::Row;
-use tokio::sync::Notify;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::db::{db_error, on_pool, Pool};
 use crate::wire::envelope_of;
 use crate::Inner;
 
-/// The wakeups of this process's consumers, by group.
+/// The wakeups of this process's consumers, by group: a watch channel
+/// per group, so a consumer sees every wakeup since it last looked, even
+/// one that came while it was not waiting.
 #[derive(Debug, Default)]
 pub(crate) struct Wakers {
-    groups: Mutex<HashMap<String, Arc<Notify>>>,
+    groups: Mutex<HashMap<String, watch::Sender<()>>>,
 }
 
 impl Wakers {
-    pub(crate) fn of(&self, group: &str) -> Arc<Notify> {
+    /// A receiver of `group`'s wakeups.
+    pub(crate) fn of(&self, group: &str) -> watch::Receiver<()> {
         self.groups
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .entry(group.to_owned())
-            .or_default()
-            .clone()
+            .or_insert_with(|| watch::channel(()).0)
+            .subscribe()
     }
 
     /// Wakes the waiting consumers of `group`.
@@ -45,8 +48,8 @@ impl Wakers {
             .unwrap_or_else(PoisonError::into_inner)
             .get(group)
             .cloned();
-        if let Some(notify) = found {
-            notify.notify_waiters();
+        if let Some(wake) = found {
+            wake.send_replace(());
         }
     }
 
@@ -59,8 +62,8 @@ impl Wakers {
             .values()
             .cloned()
             .collect();
-        for notify in all {
-            notify.notify_waiters();
+        for wake in all {
+            wake.send_replace(());
         }
     }
 }
@@ -122,6 +125,9 @@ pub(crate) async fn subscribe(
         buffer: VecDeque::new(),
         pending: None,
         wake,
+        woken: false,
+        drained: false,
+        wait_until: None,
     };
     let limits = Limits::new(inner.config.max_in_flight)
         .with_delivery_limit(Some(inner.config.delivery_limit));
@@ -153,7 +159,14 @@ struct SqlSource {
     /// A claim under way: kept across cancelled fetches, so rows it claimed
     /// are never dropped on the floor.
     pending: Option<JoinHandle<Claim>>,
-    wake: Arc<Notify>,
+    wake: watch::Receiver<()>,
+    /// The last wait ended with a wakeup, not at its time.
+    woken: bool,
+    /// The last claim found less than a batch: wait for a wakeup (or the
+    /// time) before claiming again.
+    drained: bool,
+    /// The end of the wait under way.
+    wait_until: Option<tokio::time::Instant>,
 }
 
 impl SqlSource {
@@ -243,22 +256,38 @@ impl engine::Source for SqlSource {
             if let Some(fetched) = self.buffer.pop_front() {
                 return Ok(Fetch::Message(fetched));
             }
-            // Registered before looking, so a wakeup while the claim runs
-            // is not missed.
-            let wake = self.wake.clone();
-            let woken = wake.notified();
-            tokio::pin!(woken);
-            woken.as_mut().enable();
+            // The engine drops this future whenever something else
+            // happens (a handler finishing, a keep-alive): a claim under
+            // way is awaited first, and a wait keeps its deadline.
+            if self.drained && self.pending.is_none() {
+                let until = match self.wait_until {
+                    Some(until) => until,
+                    None => {
+                        // When the last wait ended with a wakeup (busy
+                        // times), wait for the next one or the poll; when
+                        // it ended at its time, ask when the next delayed
+                        // row is due (a retry of another process, a lease
+                        // running out). This process's own retries wake
+                        // it when due.
+                        let wait = if self.woken {
+                            poll
+                        } else {
+                            self.next_due().await?.map_or(poll, |due| due.min(poll))
+                        };
+                        *self.wait_until.insert(tokio::time::Instant::now() + wait)
+                    }
+                };
+                self.woken = tokio::select! {
+                    changed = self.wake.changed() => changed.is_ok(),
+                    () = tokio::time::sleep_until(until) => false,
+                };
+                self.wait_until = None;
+            }
+            // Seen: a wakeup from now on makes the next wait end at once.
+            self.wake.borrow_and_update();
             let claimed = self.claim().await?;
-            if !claimed.is_empty() {
-                self.buffer.extend(claimed);
-                continue;
-            }
-            let wait = self.next_due().await?.map_or(poll, |due| due.min(poll));
-            tokio::select! {
-                () = &mut woken => {}
-                () = tokio::time::sleep(wait) => {}
-            }
+            self.drained = claimed.len() < self.inner.config.batch;
+            self.buffer.extend(claimed);
         }
     }
 
@@ -394,6 +423,13 @@ impl engine::Sink for SqlSink {
             .await?;
         if ours {
             self.claimable().await;
+            // This process's consumers look again when it is due.
+            let (wakers, group) = (self.inner.wakers.clone(), self.group.clone());
+            let due = Duration::from_millis(delay.max(0) as u64);
+            tokio::spawn(async move {
+                tokio::time::sleep(due).await;
+                wakers.wake(&group);
+            });
         }
         Ok(true)
     }
