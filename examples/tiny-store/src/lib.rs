@@ -29,7 +29,7 @@ pub mod simulate;
 pub const MODULES: [&str; 4] = ["orders", "inventory", "payments", "shipments"];
 
 /// The transports this program can create, by the name routes use.
-pub const TRANSPORTS: [&str; 4] = [IN_PROCESS, "nats", "rabbitmq", "kafka"];
+pub const TRANSPORTS: [&str; 5] = [IN_PROCESS, "nats", "rabbitmq", "kafka", "sql"];
 
 /// How to run the shop: which modules, where events flow, where data lives.
 #[derive(Clone)]
@@ -56,6 +56,9 @@ pub struct Brokers {
     pub rabbitmq_url: String,
     /// Kafka bootstrap servers.
     pub kafka_brokers: String,
+    /// Database of the SQL transport: `sqlite://file` (no server) or
+    /// `postgres://…`.
+    pub sql_url: String,
 }
 
 impl Default for Brokers {
@@ -64,6 +67,7 @@ impl Default for Brokers {
             nats_url: "nats://127.0.0.1:4222".into(),
             rabbitmq_url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
             kafka_brokers: "127.0.0.1:9092".into(),
+            sql_url: "sqlite://tiny-store-events.db".into(),
         }
     }
 }
@@ -74,6 +78,7 @@ impl fmt::Debug for Brokers {
             .field("nats_url", &redact_url(&self.nats_url))
             .field("rabbitmq_url", &redact_url(&self.rabbitmq_url))
             .field("kafka_brokers", &self.kafka_brokers)
+            .field("sql_url", &redact_url(&self.sql_url))
             .finish()
     }
 }
@@ -132,6 +137,9 @@ impl Settings {
         if let Some(v) = env("SEAMBUS_KAFKA_BROKERS") {
             s.brokers.kafka_brokers = v;
         }
+        if let Some(v) = env("SEAMBUS_SQL_URL") {
+            s.brokers.sql_url = v;
+        }
         if let Some(v) = env("TINY_STORE_NAMESPACE") {
             s.namespace = v;
         }
@@ -164,6 +172,9 @@ impl Settings {
         }
         if let Some(v) = get("transports", Some("kafka"), "brokers")? {
             self.brokers.kafka_brokers = v;
+        }
+        if let Some(v) = get("transports", Some("sql"), "url")? {
+            self.brokers.sql_url = v;
         }
         if let Some(v) = get("store", None, "namespace")? {
             self.namespace = v;
@@ -240,6 +251,18 @@ impl Settings {
             .with_group_prefix(self.namespace.clone())
     }
 
+    fn sql_config(&self) -> seambus_sql::SqlConfig {
+        let schema: String = self
+            .namespace
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        seambus_sql::SqlConfig::new(self.brokers.sql_url.clone())
+            .with_schema(schema)
+            // Events a killed process held come back after this.
+            .with_lease(Duration::from_secs(5))
+    }
+
     /// Connects the transport routes call `name`.
     pub async fn transport(&self, name: &str) -> Result<Connected, BoxError> {
         Ok(match name {
@@ -258,6 +281,10 @@ impl Settings {
                 let t =
                     Arc::new(seambus_kafka::KafkaTransport::connect(self.kafka_config()).await?);
                 Connected::new_arc(t.clone(), Some(Broker::Kafka(t, self.namespace.clone())))
+            }
+            "sql" => {
+                let t = Arc::new(seambus_sql::SqlTransport::connect(self.sql_config()).await?);
+                Connected::new_arc(t.clone(), Some(Broker::Sql(t)))
             }
             other => {
                 return Err(format!(
@@ -290,6 +317,7 @@ enum Broker {
     Nats(Arc<seambus_nats::NatsTransport>),
     RabbitMq(Arc<seambus_rabbitmq::RabbitMqTransport>),
     Kafka(Arc<seambus_kafka::KafkaTransport>, String),
+    Sql(Arc<seambus_sql::SqlTransport>),
 }
 
 impl Broker {
@@ -302,16 +330,31 @@ impl Broker {
                 .iter()
                 .map(move |module| seambus::transport::GroupId::new(*module, *event))
         });
+        // The shop's own SQL transport is shut down by now: a fresh one.
+        let sql = match self {
+            Self::Sql(t) => Some(seambus_sql::SqlTransport::connect(t.config().clone()).await?),
+            _ => None,
+        };
         for group in groups {
             match self {
                 Self::Nats(t) => t.delete_group(&group).await?,
                 Self::RabbitMq(t) => t.delete_group(&group).await?,
                 Self::Kafka(t, _) => t.delete_group(&group).await?,
+                Self::Sql(_) => {
+                    if let Some(t) = &sql {
+                        t.delete_group(&group).await?;
+                    }
+                }
             }
         }
         match self {
             Self::Nats(t) => t.delete_streams().await?,
             Self::RabbitMq(t) => t.delete_topology().await?,
+            Self::Sql(_) => {
+                if let Some(t) = &sql {
+                    t.drop_tables().await?;
+                }
+            }
             Self::Kafka(t, namespace) => {
                 let topics: Vec<String> = FLOWS
                     .iter()

@@ -1,6 +1,7 @@
 //! One scenario, every route configuration: the same module code runs all
 //! in-process (inline and queued), with one flow on a broker, and with
-//! every event on NATS, RabbitMQ or Kafka. Each run must end with every
+//! every event on NATS, RabbitMQ, Kafka or the SQL transport (an SQLite
+//! file, and PostgreSQL). Each run must end with every
 //! order shipped or cancelled, and the books (stock and money) balancing.
 
 mod common;
@@ -12,7 +13,17 @@ use tiny_store::Shop;
 use tiny_store_orders::OrderState;
 
 async fn scenario(test: &str, routes: &str, orders: usize) {
-    let settings = common::settings(test, routes);
+    scenario_with(test, routes, orders, |_| {}).await;
+}
+
+async fn scenario_with(
+    test: &str,
+    routes: &str,
+    orders: usize,
+    adjust: impl FnOnce(&mut tiny_store::Settings),
+) {
+    let mut settings = common::settings(test, routes);
+    adjust(&mut settings);
     for transport in settings.routing.transports() {
         if !common::broker_ready(transport, &settings) {
             return;
@@ -97,4 +108,24 @@ async fn everything_on_rabbitmq() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn everything_on_kafka() {
     scenario("kafka", "*=kafka", 100).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn everything_durable_on_sqlite() {
+    let file = std::env::temp_dir().join(format!("tiny-store-{}.db", std::process::id()));
+    scenario_with("sqlite", "*=sql", 150, |s| {
+        s.brokers.sql_url = format!("sqlite://{}", file.display());
+    })
+    .await;
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", file.display()));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn everything_durable_on_postgres() {
+    scenario_with("sqlpg", "*=sql", 150, |s| {
+        s.brokers.sql_url = common::database_url();
+    })
+    .await;
 }
