@@ -18,7 +18,8 @@
 //! - **the attempt** comes with the message ([`Fetched::attempt`], a header
 //!   on every broker) and grows only when a handler ran and failed.
 //!   Stopping, closing, a rebalance or the shutdown deadline give an event
-//!   back ([`Sink::release`]) without counting an attempt. Crash loops are
+//!   back ([`Sink::release`]; [`Sink::abandon`] for a handler the deadline
+//!   cut off) without counting an attempt. Crash loops are
 //!   capped separately by the broker's delivery count
 //!   ([`Fetched::delivered`] against the delivery limit);
 //! - **holding limit**: at most `max_held` messages are held (waiting,

@@ -14,7 +14,9 @@ use crate::db::{check_schema, migrate, Pool, Sql};
 
 /// The inbox of one schema on the application's own pool (PostgreSQL or
 /// SQLite). Its table, `inbox` (`<schema>_inbox` on SQLite), holds
-/// `(group, event id)` for every event a wrapped handler committed.
+/// `(group, event id)` for every event a wrapped handler committed. The
+/// constructors create the schema's tables as
+/// [`SqlTransport::connect`](crate::SqlTransport::connect) does.
 ///
 /// ```no_run
 /// # async fn run(bus: seambus::Bus, pool: sqlx::PgPool) -> Result<(), seambus::Error> {

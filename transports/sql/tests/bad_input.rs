@@ -54,32 +54,28 @@ async fn foreign_rows_are_dead_lettered(backend: Backend) {
         "card 4111 1111 1111 1111",
         r#"[["ce_type","conformance.ping"],["ce_dataversion","1"]]"#,
     ];
+    macro_rules! insert_rows {
+        ($pool:expr) => {{
+            let pool = $pool;
+            for headers in rows {
+                sqlx::query(&insert)
+                    .bind(&group)
+                    .bind(headers)
+                    .bind(&b"{}"[..])
+                    .execute(&pool)
+                    .await
+                    .expect("insert a foreign row");
+            }
+        }};
+    }
     match backend {
         Backend::Postgres => {
-            let pool = sqlx::PgPool::connect(&config.url).await.expect("connect");
-            for headers in rows {
-                sqlx::query(&insert)
-                    .bind(&group)
-                    .bind(headers)
-                    .bind(&b"{}"[..])
-                    .execute(&pool)
-                    .await
-                    .expect("insert a foreign row");
-            }
+            insert_rows!(sqlx::PgPool::connect(&config.url).await.expect("connect"))
         }
         Backend::Sqlite => {
-            let pool = sqlx::SqlitePool::connect(&config.url)
+            insert_rows!(sqlx::SqlitePool::connect(&config.url)
                 .await
-                .expect("connect");
-            for headers in rows {
-                sqlx::query(&insert)
-                    .bind(&group)
-                    .bind(headers)
-                    .bind(&b"{}"[..])
-                    .execute(&pool)
-                    .await
-                    .expect("insert a foreign row");
-            }
+                .expect("connect"))
         }
     }
     let id = bus
