@@ -35,6 +35,12 @@ macro_rules! on_pool {
 }
 pub(crate) use on_pool;
 
+/// Whether a `sqlx::Any` connection's backend (`backend_name`) is
+/// PostgreSQL; the others that can reach here are SQLite.
+pub(crate) fn any_is_postgres(backend: &str) -> bool {
+    backend.eq_ignore_ascii_case("postgresql")
+}
+
 /// A database error as a Seambus error: lost connections and timeouts are
 /// retryable, the rest is not.
 pub(crate) fn db_error(what: &str, e: sqlx::Error) -> Error {
@@ -397,12 +403,31 @@ pub(crate) async fn open(config: &SqlConfig) -> Result<(Pool, Sql)> {
 }
 
 pub(crate) async fn migrate(pool: &Pool, sql: &Sql, schema: &str) -> Result<()> {
-    let failed = |e| db_error(&format!("create the tables of schema {schema}"), e);
-    on_pool!(pool, p => {
-        let mut tx = p.begin().await.map_err(failed)?;
-        if matches!(pool, Pool::Postgres(_)) {
+    let postgres = matches!(pool, Pool::Postgres(_));
+    on_pool!(pool, p => migrate_on!(p, postgres, sql, schema))
+}
+
+/// [`migrate`] through the application's `sqlx::Any` pool.
+pub(crate) async fn migrate_any(
+    pool: &sqlx::AnyPool,
+    postgres: bool,
+    sql: &Sql,
+    schema: &str,
+) -> Result<()> {
+    migrate_on!(pool, postgres, sql, schema)
+}
+
+/// Creates the tables in one transaction on pool `$p` (of any backend,
+/// `sqlx::Any` included: only integers and text cross) and checks the
+/// schema version.
+macro_rules! migrate_on {
+    ($p:expr, $postgres:expr, $sql:expr, $schema:expr) => {{
+        let (sql, schema) = ($sql, $schema);
+        let failed = |e| db_error(&format!("create the tables of schema {schema}"), e);
+        let mut tx = $p.begin().await.map_err(failed)?;
+        if $postgres {
             // Processes starting at once create the schema one at a time.
-            sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+            sqlx::query("SELECT count(*) FROM (SELECT pg_advisory_xact_lock(hashtext($1))) AS locked")
                 .bind(format!("seambus:{schema}"))
                 .execute(&mut *tx)
                 .await
@@ -435,8 +460,9 @@ pub(crate) async fn migrate(pool: &Pool, sql: &Sql, schema: &str) -> Result<()> 
             Some(_) => {}
         }
         tx.commit().await.map_err(failed)
-    })
+    }};
 }
+use migrate_on;
 
 /// Drops the transport's tables (and the PostgreSQL schema) with every
 /// event and dead letter in them.

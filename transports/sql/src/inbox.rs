@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
 use seambus::{Context, Event, HandlerError, Received, Result};
-use sqlx::{Postgres, Sqlite, Transaction};
+use sqlx::{Any, Postgres, Sqlite, Transaction};
 
-use crate::db::{check_schema, migrate, Pool, Sql};
+use crate::db::{any_is_postgres, check_schema, db_error, migrate, migrate_any, Pool, Sql};
 
 /// The inbox of one schema on the application's own pool (PostgreSQL or
 /// SQLite). Its table, `inbox` (`<schema>_inbox` on SQLite), holds
@@ -91,6 +91,35 @@ impl Inbox<Sqlite> {
     }
 }
 
+impl Inbox<Any> {
+    /// The inbox in `schema` on the application's `sqlx::Any` pool, when
+    /// it reaches PostgreSQL or SQLite (the tables are created through
+    /// that pool, so an in-memory SQLite database works too). Call
+    /// `sqlx::any::install_default_drivers` before making the pool.
+    pub async fn any(pool: sqlx::AnyPool, schema: &str) -> Result<Self> {
+        check_schema(schema)?;
+        let backend = pool
+            .acquire()
+            .await
+            .map_err(|e| db_error("connect for the inbox", e))?
+            .backend_name()
+            .to_owned();
+        let postgres = any_is_postgres(&backend);
+        if !postgres && !backend.eq_ignore_ascii_case("sqlite") {
+            return Err(seambus::Error::new(
+                seambus::ErrorKind::Config,
+                format!("the inbox works on PostgreSQL and SQLite, not on {backend}"),
+            ));
+        }
+        let sql = Sql::new(postgres, schema);
+        migrate_any(&pool, postgres, &sql, schema).await?;
+        Ok(Self {
+            pool,
+            insert: sql.inbox_insert.into(),
+        })
+    }
+}
+
 /// What a handler wrapped by [`Inbox::handler`] returns.
 pub type InboxResult<DB> = std::result::Result<Transaction<'static, DB>, HandlerError>;
 
@@ -148,3 +177,4 @@ macro_rules! inbox_handler {
 }
 inbox_handler!(Postgres);
 inbox_handler!(Sqlite);
+inbox_handler!(Any);

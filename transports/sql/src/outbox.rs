@@ -67,8 +67,9 @@ struct Inner {
 
 /// A connection of the application's transaction that
 /// [`Outbox::publish`] writes on: `&mut *tx` of an
-/// `sqlx::Transaction<'_, Postgres>` or `<'_, Sqlite>` (or a plain
-/// connection, which then commits the event at once).
+/// `sqlx::Transaction<'_, Postgres>`, `<'_, Sqlite>` or `<'_, Any>` (on
+/// PostgreSQL or SQLite), or a plain connection, which then commits the
+/// event at once.
 pub trait OutboxConnection: Send {
     #[doc(hidden)]
     fn insert<'a>(self, sql: &'a str, row: OutboxRow) -> BoxFuture<'a, Result<()>>
@@ -91,7 +92,7 @@ pub struct OutboxRow {
 }
 
 macro_rules! outbox_connection {
-    ($conn:ty, $postgres:expr) => {
+    ($conn:ty, $this:ident => $postgres:expr) => {
         impl OutboxConnection for &mut $conn {
             fn insert<'a>(self, sql: &'a str, row: OutboxRow) -> BoxFuture<'a, Result<()>>
             where
@@ -103,7 +104,7 @@ macro_rules! outbox_connection {
                         .bind(row.key)
                         .bind(row.headers)
                         .bind(row.payload);
-                    if $postgres {
+                    if self.is_postgres() {
                         query = query.bind(row.channel);
                     }
                     query
@@ -115,13 +116,15 @@ macro_rules! outbox_connection {
             }
 
             fn is_postgres(&self) -> bool {
+                let $this = self;
                 $postgres
             }
         }
     };
 }
-outbox_connection!(sqlx::PgConnection, true);
-outbox_connection!(sqlx::SqliteConnection, false);
+outbox_connection!(sqlx::PgConnection, _c => true);
+outbox_connection!(sqlx::SqliteConnection, _c => false);
+outbox_connection!(sqlx::AnyConnection, c => crate::db::any_is_postgres(c.backend_name()));
 
 impl Outbox {
     /// Connects and creates the tables if they are missing.

@@ -139,3 +139,36 @@ inbox_case!(
     },
     |schema: &str| format!("\"{schema}_effects\"")
 );
+
+inbox_case!(
+    any_postgres_a_redelivered_event_is_applied_once,
+    Backend::Postgres,
+    sqlx::AnyPool,
+    Inbox::any,
+    |url: &str| {
+        let url = url.to_owned();
+        async move {
+            sqlx::any::install_default_drivers();
+            sqlx::AnyPool::connect(&url).await.expect("connect")
+        }
+    },
+    |schema: &str| format!("\"{schema}\".effects")
+);
+
+// In memory: one connection, so every query sees the same database, and
+// the inbox's tables are made through the application's pool.
+inbox_case!(
+    any_sqlite_in_memory_a_redelivered_event_is_applied_once,
+    Backend::Sqlite,
+    sqlx::AnyPool,
+    Inbox::any,
+    |_url: &str| async move {
+        sqlx::any::install_default_drivers();
+        sqlx::any::AnyPoolOptions::new()
+            .max_connections(1)
+            .connect("sqlite::memory:")
+            .await
+            .expect("connect")
+    },
+    |schema: &str| format!("\"{schema}_effects\"")
+);
