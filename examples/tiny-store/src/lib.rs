@@ -43,8 +43,13 @@ pub struct Settings {
     /// Prefix of every broker name (streams, exchanges, topics) and of the
     /// PostgreSQL schemas; two shops with different namespaces never meet.
     pub namespace: String,
-    /// PostgreSQL URL; `None` keeps every module's data in memory.
+    /// PostgreSQL URL: each module's data in its own schema. Wins over
+    /// `data_dir`.
     pub database_url: Option<String>,
+    /// A directory for each module's SQLite file (no server; the data
+    /// survives a crash). With neither this nor `database_url`, the files
+    /// are temporary.
+    pub data_dir: Option<std::path::PathBuf>,
 }
 
 /// Broker addresses (may hold passwords: `Debug` redacts them).
@@ -94,6 +99,7 @@ impl fmt::Debug for Settings {
                 "database_url",
                 &self.database_url.as_deref().map(redact_url),
             )
+            .field("data_dir", &self.data_dir)
             .finish()
     }
 }
@@ -106,6 +112,7 @@ impl Default for Settings {
             brokers: Brokers::default(),
             namespace: "tiny_store".into(),
             database_url: None,
+            data_dir: None,
         }
     }
 }
@@ -114,8 +121,8 @@ impl Settings {
     /// Reads a `tiny-store.toml` (its `[routes]` table, `[transports.*]`
     /// addresses, `[store]` and `[process]`), then applies the environment:
     /// `SEAMBUS_ROUTES`, `SEAMBUS_NATS_URL`, `SEAMBUS_RABBITMQ_URL`,
-    /// `SEAMBUS_KAFKA_BROKERS`, `TINY_STORE_NAMESPACE`,
-    /// `TINY_STORE_DATABASE_URL`.
+    /// `SEAMBUS_KAFKA_BROKERS`, `SEAMBUS_SQL_URL`, `TINY_STORE_NAMESPACE`,
+    /// `TINY_STORE_DATABASE_URL`, `TINY_STORE_DATA_DIR`.
     pub fn load(config: Option<&Path>) -> Result<Self, BoxError> {
         let mut s = Self::default();
         if let Some(path) = config {
@@ -145,6 +152,9 @@ impl Settings {
         }
         if let Some(v) = env("TINY_STORE_DATABASE_URL") {
             s.database_url = Some(v);
+        }
+        if let Some(v) = env("TINY_STORE_DATA_DIR") {
+            s.data_dir = Some(v.into());
         }
         Ok(s)
     }
@@ -181,6 +191,9 @@ impl Settings {
         }
         if let Some(v) = get("store", None, "database_url")? {
             self.database_url = Some(v);
+        }
+        if let Some(v) = get("store", None, "data_dir")? {
+            self.data_dir = Some(v.into());
         }
         match doc.get("process").and_then(|p| p.get("modules")) {
             None => {}
@@ -219,13 +232,15 @@ impl Settings {
         self.modules.iter().any(|m| m == module)
     }
 
-    fn storage(&self) -> Storage {
-        match &self.database_url {
-            None => Storage::Memory,
-            Some(url) => Storage::Postgres {
+    /// Where the modules keep their data.
+    pub fn storage(&self) -> Storage {
+        match (&self.database_url, &self.data_dir) {
+            (Some(url), _) => Storage::Postgres {
                 url: url.clone(),
                 schema_prefix: format!("{}_", self.namespace),
             },
+            (None, Some(dir)) => Storage::Sqlite { dir: dir.clone() },
+            (None, None) => Storage::Temporary,
         }
     }
 
@@ -432,6 +447,7 @@ pub struct Shop {
     /// The shipments module, when this process runs it.
     pub shipments: Option<Shipments>,
     started: Vec<Started>,
+    relays: std::sync::Mutex<Vec<seambus_sql::Relay>>,
     brokers: Vec<Broker>,
 }
 
@@ -457,6 +473,7 @@ impl Shop {
             payments: None,
             shipments: None,
             started: Vec::new(),
+            relays: std::sync::Mutex::default(),
             brokers,
             bus,
         };
@@ -483,6 +500,11 @@ impl Shop {
         }
         shop.started
             .sort_by_key(|s| MODULES.iter().position(|m| *m == s.module));
+        let relays = shop.started.iter_mut().filter_map(|s| s.relay.take());
+        shop.relays
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend(relays);
         tracing::info!(modules = ?settings.modules, routes = %settings.routing, "shop started");
         Ok(shop)
     }
@@ -498,9 +520,19 @@ impl Shop {
         }
     }
 
-    /// Stops taking events, lets handlers finish (up to `deadline`) and
-    /// closes the transports.
+    /// Stops forwarding the modules' outboxes (what they hold is forwarded
+    /// at the next start), stops taking events, lets handlers finish (up
+    /// to `deadline`) and closes the transports.
     pub async fn shutdown(&self, deadline: Duration) -> Result<(), BoxError> {
+        let relays = std::mem::take(
+            &mut *self
+                .relays
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for relay in relays {
+            relay.stop().await;
+        }
         let report = self.bus.shutdown(deadline).await?;
         if !report.drained {
             tracing::warn!(

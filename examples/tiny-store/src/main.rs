@@ -35,6 +35,10 @@ struct Cli {
     /// PostgreSQL URL: each module keeps its data in its own schema.
     #[arg(long, global = true)]
     database_url: Option<String>,
+    /// A directory where each module keeps its data in its own SQLite
+    /// file (no server). Default: temporary files.
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -114,6 +118,9 @@ async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
     }
     if let Some(url) = cli.database_url {
         settings.database_url = Some(url);
+    }
+    if let Some(dir) = cli.data_dir {
+        settings.data_dir = Some(dir);
     }
     // No command: simulate where orders are taken here, else just handle
     // events (`tiny-store --modules shipments` is an extracted module).

@@ -117,27 +117,21 @@ async fn extraction(broker: &str) {
     assert_eq!(tracking.len(), placed.len());
     // Shipped once: one shipment per order, the one the order knows.
     let schema = format!("{}_shipments", settings.namespace);
-    let rows = db
-        .query(
-            &format!("SELECT order_id::text, tracking_number FROM {schema}.shipments"),
-            &[],
-        )
-        .await
-        .unwrap();
+    let rows: Vec<(String, String)> = sqlx::query_as(&format!(
+        "SELECT order_id, tracking_number FROM {schema}.shipments"
+    ))
+    .fetch_all(&db)
+    .await
+    .unwrap();
     assert_eq!(rows.len(), placed.len(), "one shipment per order");
     for order in states(&shop, &placed).await {
         let id = order["order_id"].as_str().unwrap();
-        let row = rows.iter().find(|r| r.get::<_, String>(0) == id).unwrap();
-        assert_eq!(
-            order["tracking_number"].as_str(),
-            Some(row.get::<_, &str>(1))
-        );
+        let row = rows.iter().find(|r| r.0 == id).unwrap();
+        assert_eq!(order["tracking_number"].as_str(), Some(row.1.as_str()));
     }
     shop.stop_cleanly();
     drop(_shipping);
-    db.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
-        .await
-        .unwrap();
+    common::drop_schema(&db, &schema).await;
     let mut reset = Server::spawn(&["reset"], &env);
     reset.wait_for_line("tiny-store: broker state of namespace");
 }

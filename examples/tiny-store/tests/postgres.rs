@@ -12,6 +12,17 @@ use tiny_store::simulate::{self, Plan};
 use tiny_store::Shop;
 use tiny_store_orders::OrderState;
 
+/// The tables `seambus-sql` makes in a module's schema.
+const SEAMBUS_TABLES: [&str; 7] = [
+    "dead_letters",
+    "groups",
+    "inbox",
+    "leases",
+    "meta",
+    "outbox",
+    "queue",
+];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_module_owns_a_schema_and_the_books_balance() {
     let url = common::database_url();
@@ -34,21 +45,18 @@ async fn each_module_owns_a_schema_and_the_books_balance() {
     assert!(report.count(OrderState::Cancelled) > 0);
 
     // Every table is in its module's schema, and only there.
-    let rows = admin
-        .query(
-            "SELECT table_schema, table_name FROM information_schema.tables \
-             WHERE table_schema LIKE $1 || '\\_%' OR (table_schema = 'public' \
-             AND table_name IN ('orders', 'stock', 'reservations', 'payments', 'shipments'))",
-            &[&ns],
-        )
-        .await
-        .unwrap();
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "SELECT table_schema::text, table_name::text FROM information_schema.tables \
+         WHERE table_schema LIKE $1 || '\\_%' OR (table_schema = 'public' \
+         AND table_name IN ('orders', 'stock', 'reservations', 'payments', 'shipments'))",
+    )
+    .bind(&ns)
+    .fetch_all(&admin)
+    .await
+    .unwrap();
     let mut tables: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for r in rows {
-        tables
-            .entry(r.get::<_, String>(0))
-            .or_default()
-            .insert(r.get(1));
+    for (schema, table) in rows {
+        tables.entry(schema).or_default().insert(table);
     }
     let expected: BTreeMap<String, BTreeSet<String>> = [
         ("orders", &["orders"][..]),
@@ -58,9 +66,11 @@ async fn each_module_owns_a_schema_and_the_books_balance() {
     ]
     .into_iter()
     .map(|(m, t)| {
+        // With the module's outbox and inbox (the SQL transport's tables).
+        let seambus = SEAMBUS_TABLES.iter();
         (
             format!("{ns}_{m}"),
-            t.iter().map(|s| (*s).to_owned()).collect(),
+            t.iter().chain(seambus).map(|s| (*s).to_owned()).collect(),
         )
     })
     .collect();
@@ -81,9 +91,6 @@ async fn each_module_owns_a_schema_and_the_books_balance() {
     again.shutdown(Duration::from_secs(10)).await.unwrap();
 
     for m in tiny_store::MODULES {
-        admin
-            .batch_execute(&format!("DROP SCHEMA {ns}_{m} CASCADE"))
-            .await
-            .unwrap();
+        common::drop_schema(&admin, &format!("{ns}_{m}")).await;
     }
 }

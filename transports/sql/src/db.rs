@@ -427,14 +427,19 @@ macro_rules! migrate_on {
         let mut tx = $p.begin().await.map_err(failed)?;
         if $postgres {
             // Processes starting at once create the schema one at a time.
-            sqlx::query("SELECT count(*) FROM (SELECT pg_advisory_xact_lock(hashtext($1))) AS locked")
-                .bind(format!("seambus:{schema}"))
+            sqlx::query(
+                "SELECT count(*) FROM (SELECT pg_advisory_xact_lock(hashtext($1))) AS locked",
+            )
+            .bind(format!("seambus:{schema}"))
+            .execute(&mut *tx)
+            .await
+            .map_err(failed)?;
+        }
+        for statement in &sql.create {
+            sqlx::query(statement)
                 .execute(&mut *tx)
                 .await
                 .map_err(failed)?;
-        }
-        for statement in &sql.create {
-            sqlx::query(statement).execute(&mut *tx).await.map_err(failed)?;
         }
         let version: Option<i64> = sqlx::query_scalar(&sql.read_version)
             .fetch_one(&mut *tx)

@@ -73,8 +73,9 @@ pub fn settings(test: &str, routes: &str) -> Settings {
         s.brokers.kafka_brokers = v;
     }
     s.routing = seambus::routing::Routing::parse_env(routes).expect("routes");
-    // In memory unless a test says otherwise.
+    // Temporary SQLite files unless a test says otherwise.
     s.database_url = None;
+    s.data_dir = None;
     s.namespace = namespace(test);
     s
 }
@@ -85,14 +86,11 @@ pub fn database_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
 }
 
-/// A connection, or `None` (skip) when PostgreSQL is absent; panics
-/// instead under `SEAMBUS_REQUIRE_BROKERS=1`.
-pub async fn postgres(url: &str) -> Option<tokio_postgres::Client> {
-    match tokio_postgres::connect(url, tokio_postgres::NoTls).await {
-        Ok((client, connection)) => {
-            tokio::spawn(connection);
-            Some(client)
-        }
+/// A pool, or `None` (skip) when PostgreSQL is absent; panics instead
+/// under `SEAMBUS_REQUIRE_BROKERS=1`.
+pub async fn postgres(url: &str) -> Option<sqlx::PgPool> {
+    match sqlx::PgPool::connect(url).await {
+        Ok(pool) => Some(pool),
         Err(e) => {
             let url = seambus::transport::support::redact_url(url);
             let why = format!("PostgreSQL unavailable at {url}: {e}");
@@ -103,4 +101,12 @@ pub async fn postgres(url: &str) -> Option<tokio_postgres::Client> {
             None
         }
     }
+}
+
+/// Drops a schema and everything in it.
+pub async fn drop_schema(db: &sqlx::PgPool, schema: &str) {
+    sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        .execute(db)
+        .await
+        .unwrap_or_else(|e| panic!("drop schema {schema}: {e}"));
 }

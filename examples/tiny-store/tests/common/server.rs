@@ -53,17 +53,18 @@ impl Server {
     }
 
     /// Starts `tiny-store` with `args` and `env` (on top of a
-    /// clean environment: in-process routes, memory storage), and waits
+    /// clean environment: in-process routes, temporary storage), and waits
     /// until it is ready: for `serve`, until it says where it listens; for
     /// `reset`, not at all; otherwise (`run`), until it says it is ready.
     pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tiny-store"))
             .args(args)
-            // In-process routes and in-memory storage, whatever the caller's
+            // In-process routes and temporary storage, whatever the caller's
             // environment says.
             .env_remove("SEAMBUS_ROUTES")
             .env_remove("TINY_STORE_CONFIG")
             .env_remove("TINY_STORE_DATABASE_URL")
+            .env_remove("TINY_STORE_DATA_DIR")
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

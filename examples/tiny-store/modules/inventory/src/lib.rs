@@ -1,15 +1,16 @@
 //! The inventory module: holds stock, reserves it for placed orders (all
 //! lines or none), and releases it when an order is cancelled.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 
-use deadpool_postgres::Pool;
-use seambus::{Bus, HandlerError, Module, PublishOptions, Received};
+use seambus::{Bus, HandlerError, Module, Received};
+use seambus_sql::InboxResult;
 use serde::{Deserialize, Serialize};
+use sqlx::{Any, AnyConnection, Transaction};
 use tiny_store_inventory_contract::{StockRejected, StockReserved};
 use tiny_store_orders_contract::{OrderCancelled, OrderLine, OrderPlaced};
-use tiny_store_platform::{lock, open_pool, BoxError, Started, Storage};
+use tiny_store_platform::{notifying, signed, unsigned, BoxError, Db, Started, Storage};
 use tokio::sync::watch;
 use uuid::Uuid;
 
@@ -32,30 +33,11 @@ pub struct Inventory {
 }
 
 struct Inner {
+    bus: Bus,
     module: Module,
-    store: Store,
-    /// Bumped whenever a reservation is released.
+    db: Db,
+    /// Bumped whenever a cancellation was handled (stock may be released).
     released: watch::Sender<u64>,
-}
-
-enum Store {
-    Memory(Mutex<Memory>),
-    Postgres(Pool),
-}
-
-#[derive(Default)]
-struct Memory {
-    levels: BTreeMap<String, Level>,
-    reservations: HashMap<Uuid, Reservation>,
-}
-
-/// What inventory decided for one order; kept so a redelivered event gets
-/// the same answer.
-#[derive(Clone)]
-enum Reservation {
-    Held(Vec<OrderLine>),
-    Released,
-    Rejected(String),
 }
 
 const MIGRATION: &str = "
@@ -65,276 +47,132 @@ CREATE TABLE IF NOT EXISTS stock (
     reserved bigint NOT NULL DEFAULT 0 CHECK (reserved >= 0)
 );
 CREATE TABLE IF NOT EXISTS reservations (
-    order_id uuid PRIMARY KEY,
+    order_id text PRIMARY KEY,
     state text NOT NULL,
     reason text,
     lines text NOT NULL
 );";
 
 impl Inventory {
-    /// Opens the module's storage (creating its schema on PostgreSQL).
+    /// Opens the module's database (creating its tables).
     pub async fn open(bus: &Bus, storage: &Storage) -> Result<Self, BoxError> {
-        let store = match open_pool(storage, MODULE, MIGRATION).await? {
-            None => Store::Memory(Mutex::default()),
-            Some(pool) => Store::Postgres(pool),
-        };
         Ok(Self {
             inner: Arc::new(Inner {
+                bus: bus.clone(),
                 module: bus.module(MODULE),
-                store,
+                db: Db::open(storage, MODULE, MIGRATION).await?,
                 released: watch::Sender::new(0),
             }),
         })
     }
 
-    /// Subscribes to placed and cancelled orders.
+    /// Subscribes to placed and cancelled orders (through the inbox: a
+    /// redelivery reserves or releases nothing again) and forwards its
+    /// outbox.
     pub async fn start(&self) -> seambus::Result<Started> {
-        let m = &self.inner.module;
+        let (m, inbox) = (&self.inner.module, self.inner.db.inbox());
         let this = self.clone();
         let placed = m
-            .subscribe(move |e: Received<OrderPlaced>, _ctx| {
+            .subscribe(inbox.handler(move |e: Received<OrderPlaced>, _ctx, tx| {
                 let this = this.clone();
-                async move { this.on_placed(&e).await }
-            })
+                async move { this.on_placed(tx, &e).await }
+            }))
             .await?;
-        let this = self.clone();
         let cancelled = m
-            .subscribe(move |e: Received<OrderCancelled>, _ctx| {
-                let this = this.clone();
-                async move { this.release(e.order_id).await.map_err(HandlerError::retry) }
-            })
+            .subscribe(notifying(
+                inbox.handler(|e: Received<OrderCancelled>, _ctx, mut tx| async move {
+                    release(&mut tx, e.order_id)
+                        .await
+                        .map_err(HandlerError::retry)?;
+                    Ok(tx)
+                }),
+                self.inner.released.clone(),
+            ))
             .await?;
         Ok(Started {
             module: MODULE,
             subscriptions: vec![placed, cancelled],
+            relay: Some(self.inner.db.relay(self.inner.bus.clone())),
         })
     }
 
     /// Sets the free stock of `sku` (a delivery from the supplier).
     pub async fn restock(&self, sku: &str, available: u64) -> Result<(), BoxError> {
-        match &self.inner.store {
-            Store::Memory(m) => {
-                lock(m).levels.entry(sku.to_owned()).or_default().available = available;
-            }
-            Store::Postgres(pool) => {
-                pool.get()
-                    .await?
-                    .execute(
-                        "INSERT INTO stock (sku, available) VALUES ($1, $2) \
-                         ON CONFLICT (sku) DO UPDATE SET available = EXCLUDED.available",
-                        &[&sku, &i64::try_from(available)?],
-                    )
-                    .await?;
-            }
-        }
+        sqlx::query(
+            "INSERT INTO stock (sku, available) VALUES ($1, $2) \
+             ON CONFLICT (sku) DO UPDATE SET available = EXCLUDED.available",
+        )
+        .bind(sku)
+        .bind(signed(available))
+        .execute(self.inner.db.pool())
+        .await?;
         Ok(())
     }
 
     /// Stock of every SKU.
     pub async fn levels(&self) -> Result<BTreeMap<String, Level>, BoxError> {
-        match &self.inner.store {
-            Store::Memory(m) => Ok(lock(m).levels.clone()),
-            Store::Postgres(pool) => {
-                let rows = pool
-                    .get()
-                    .await?
-                    .query("SELECT sku, available, reserved FROM stock", &[])
-                    .await?;
-                rows.iter()
-                    .map(|r| {
-                        let available: i64 = r.try_get(1)?;
-                        let reserved: i64 = r.try_get(2)?;
-                        Ok((
-                            r.try_get(0)?,
-                            Level {
-                                available: u64::try_from(available)?,
-                                reserved: u64::try_from(reserved)?,
-                            },
-                        ))
-                    })
-                    .collect()
-            }
-        }
+        let rows: Vec<(String, i64, i64)> =
+            sqlx::query_as("SELECT sku, available, reserved FROM stock")
+                .fetch_all(self.inner.db.pool())
+                .await?;
+        rows.into_iter()
+            .map(|(sku, available, reserved)| {
+                let level = Level {
+                    available: unsigned(available)?,
+                    reserved: unsigned(reserved)?,
+                };
+                Ok((sku, level))
+            })
+            .collect()
     }
 
-    async fn on_placed(&self, order: &OrderPlaced) -> Result<(), HandlerError> {
-        let decision = self
-            .reserve(order.order_id, &order.lines)
+    /// Reserves every line or none, stores the decision and writes its
+    /// event to the outbox, in one transaction.
+    async fn on_placed(
+        &self,
+        mut tx: Transaction<'static, Any>,
+        order: &OrderPlaced,
+    ) -> InboxResult<Any> {
+        let decided = reserve(&mut tx, order.order_id, &order.lines)
             .await
             .map_err(HandlerError::retry)?;
-        let key = PublishOptions::new().key(order.order_id.to_string());
-        // On a redelivery the stored decision is published again: the
-        // first publish may not have happened, and subscribers are
-        // idempotent.
-        let published = match decision {
-            Reservation::Held(_) | Reservation::Released => {
+        let Some(decision) = decided else {
+            // Decided before, on another event about this order.
+            return Ok(tx);
+        };
+        let (db, module, id) = (&self.inner.db, &self.inner.module, order.order_id);
+        let written = match decision {
+            Reservation::Held => {
                 let event = StockReserved {
-                    order_id: order.order_id,
+                    order_id: id,
                     customer: order.customer.clone(),
                     amount_cents: order.total_cents(),
                 };
-                self.inner.module.publish_with(event, key).await
+                db.publish(&mut tx, module, id, event).await
             }
             Reservation::Rejected(reason) => {
                 let event = StockRejected {
-                    order_id: order.order_id,
+                    order_id: id,
                     reason,
                 };
-                self.inner.module.publish_with(event, key).await
+                db.publish(&mut tx, module, id, event).await
             }
         };
-        published.map(|_| ()).map_err(HandlerError::retry)
-    }
-
-    /// Reserves every line or none; the decision is stored with the order.
-    async fn reserve(&self, order_id: Uuid, lines: &[OrderLine]) -> Result<Reservation, BoxError> {
-        // Lines of the same SKU add up; sorted, so concurrent reservations
-        // lock rows in one order.
-        let mut wanted: BTreeMap<&str, u64> = BTreeMap::new();
-        for l in lines {
-            *wanted.entry(l.sku.as_str()).or_default() += u64::from(l.quantity);
-        }
-        match &self.inner.store {
-            Store::Memory(m) => {
-                let mut m = lock(m);
-                if let Some(done) = m.reservations.get(&order_id) {
-                    return Ok(done.clone());
-                }
-                let short = wanted
-                    .iter()
-                    .find(|(sku, qty)| m.levels.get(**sku).map_or(0, |l| l.available) < **qty);
-                let decision = match short {
-                    Some((sku, _)) => Reservation::Rejected(format!("not enough {sku}")),
-                    None => {
-                        for (sku, qty) in &wanted {
-                            let level = m.levels.entry((*sku).to_owned()).or_default();
-                            level.available -= qty;
-                            level.reserved += qty;
-                        }
-                        Reservation::Held(lines.to_vec())
-                    }
-                };
-                m.reservations.insert(order_id, decision.clone());
-                Ok(decision)
-            }
-            Store::Postgres(pool) => {
-                let mut client = pool.get().await?;
-                let tx = client.transaction().await?;
-                if let Some(done) = stored(&tx, order_id).await? {
-                    return Ok(done);
-                }
-                let mut short = None;
-                for (sku, qty) in &wanted {
-                    let n = tx
-                        .execute(
-                            "UPDATE stock SET available = available - $2, reserved = reserved + $2 \
-                             WHERE sku = $1 AND available >= $2",
-                            &[sku, &i64::try_from(*qty)?],
-                        )
-                        .await?;
-                    if n == 0 {
-                        short = Some(*sku);
-                        break;
-                    }
-                }
-                let (decision, state, reason) = match short {
-                    Some(sku) => {
-                        // Undo the lines taken so far.
-                        tx.rollback().await?;
-                        let reason = format!("not enough {sku}");
-                        let tx = client.transaction().await?;
-                        let kept = record(&tx, order_id, "rejected", Some(&reason), lines).await?;
-                        tx.commit().await?;
-                        return Ok(kept.unwrap_or(Reservation::Rejected(reason)));
-                    }
-                    None => (Reservation::Held(lines.to_vec()), "held", None),
-                };
-                match record(&tx, order_id, state, reason, lines).await? {
-                    // Another worker decided first (a redelivery raced).
-                    Some(earlier) => {
-                        tx.rollback().await?;
-                        Ok(earlier)
-                    }
-                    None => {
-                        tx.commit().await?;
-                        Ok(decision)
-                    }
-                }
-            }
-        }
-    }
-
-    /// Gives back what was held for `order_id`, once.
-    async fn release(&self, order_id: Uuid) -> Result<(), BoxError> {
-        match &self.inner.store {
-            Store::Memory(m) => {
-                let mut m = lock(m);
-                let Some(Reservation::Held(lines)) = m.reservations.get(&order_id).cloned() else {
-                    return Ok(());
-                };
-                for l in &lines {
-                    let level = m.levels.entry(l.sku.clone()).or_default();
-                    level.available += u64::from(l.quantity);
-                    level.reserved -= u64::from(l.quantity);
-                }
-                m.reservations.insert(order_id, Reservation::Released);
-                drop(m);
-                self.inner.released.send_modify(|n| *n += 1);
-                Ok(())
-            }
-            Store::Postgres(pool) => {
-                let mut client = pool.get().await?;
-                let tx = client.transaction().await?;
-                let row = tx
-                    .query_opt(
-                        "UPDATE reservations SET state = 'released' \
-                         WHERE order_id = $1 AND state = 'held' RETURNING lines",
-                        &[&order_id],
-                    )
-                    .await?;
-                if let Some(row) = row {
-                    let mut lines: Vec<OrderLine> = serde_json::from_str(row.try_get(0)?)?;
-                    // The order `reserve` locks rows in, so the two never
-                    // deadlock.
-                    lines.sort_by(|a, b| a.sku.cmp(&b.sku));
-                    for l in &lines {
-                        tx.execute(
-                            "UPDATE stock SET available = available + $2, reserved = reserved - $2 \
-                             WHERE sku = $1",
-                            &[&l.sku, &i64::from(l.quantity)],
-                        )
-                        .await?;
-                    }
-                }
-                tx.commit().await?;
-                self.inner.released.send_modify(|n| *n += 1);
-                Ok(())
-            }
-        }
+        written.map_err(HandlerError::retry)?;
+        Ok(tx)
     }
 
     /// How many of `orders` still hold stock.
     pub async fn holding(&self, orders: &[Uuid]) -> Result<usize, BoxError> {
-        match &self.inner.store {
-            Store::Memory(m) => {
-                let m = lock(m);
-                Ok(orders
-                    .iter()
-                    .filter(|id| matches!(m.reservations.get(id), Some(Reservation::Held(_))))
-                    .count())
-            }
-            Store::Postgres(pool) => {
-                let row = pool
-                    .get()
-                    .await?
-                    .query_one(
-                        "SELECT count(*) FROM reservations WHERE state = 'held' AND order_id = ANY($1)",
-                        &[&orders],
-                    )
-                    .await?;
-                Ok(usize::try_from(row.try_get::<_, i64>(0)?)?)
-            }
-        }
+        let held: Vec<String> =
+            sqlx::query_scalar("SELECT order_id FROM reservations WHERE state = 'held'")
+                .fetch_all(self.inner.db.pool())
+                .await?;
+        let held: HashSet<String> = held.into_iter().collect();
+        Ok(orders
+            .iter()
+            .filter(|id| held.contains(&id.to_string()))
+            .count())
     }
 
     /// Waits until none of `orders` holds stock (they were cancelled and
@@ -363,43 +201,106 @@ impl Inventory {
     }
 }
 
-async fn stored(
-    tx: &deadpool_postgres::Transaction<'_>,
-    order_id: Uuid,
-) -> Result<Option<Reservation>, BoxError> {
-    let row = tx
-        .query_opt(
-            "SELECT state, reason, lines FROM reservations WHERE order_id = $1",
-            &[&order_id],
-        )
-        .await?;
-    let Some(row) = row else { return Ok(None) };
-    let state: &str = row.try_get(0)?;
-    Ok(Some(match state {
-        "held" => Reservation::Held(serde_json::from_str(row.try_get(2)?)?),
-        "released" => Reservation::Released,
-        _ => Reservation::Rejected(row.try_get::<_, Option<String>>(1)?.unwrap_or_default()),
-    }))
+/// What inventory decided for one order.
+enum Reservation {
+    Held,
+    Rejected(String),
 }
 
-/// Stores the decision; returns the earlier one if there is one already.
-async fn record(
-    tx: &deadpool_postgres::Transaction<'_>,
+/// Reserves every line of the order or none, and records the decision;
+/// `None` when the order was decided before.
+async fn reserve(
+    conn: &mut AnyConnection,
     order_id: Uuid,
-    state: &str,
-    reason: Option<&str>,
     lines: &[OrderLine],
 ) -> Result<Option<Reservation>, BoxError> {
-    let n = tx
-        .execute(
-            "INSERT INTO reservations (order_id, state, reason, lines) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (order_id) DO NOTHING",
-            &[&order_id, &state, &reason, &serde_json::to_string(lines)?],
-        )
-        .await?;
-    if n == 1 {
-        Ok(None)
-    } else {
-        stored(tx, order_id).await
+    let id = order_id.to_string();
+    let known: Option<String> =
+        sqlx::query_scalar("SELECT state FROM reservations WHERE order_id = $1")
+            .bind(&id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    if known.is_some() {
+        return Ok(None);
     }
+    // Lines of the same SKU add up; sorted, so concurrent reservations
+    // lock rows in one order.
+    let mut wanted: BTreeMap<&str, u64> = BTreeMap::new();
+    for l in lines {
+        *wanted.entry(l.sku.as_str()).or_default() += u64::from(l.quantity);
+    }
+    let mut taken = Vec::new();
+    let mut short = None;
+    for (sku, qty) in &wanted {
+        let n = sqlx::query(
+            "UPDATE stock SET available = available - $2, reserved = reserved + $2 \
+             WHERE sku = $1 AND available >= $2",
+        )
+        .bind(*sku)
+        .bind(signed(*qty))
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+        if n == 0 {
+            short = Some(*sku);
+            break;
+        }
+        taken.push((*sku, *qty));
+    }
+    let decision = match short {
+        None => Reservation::Held,
+        Some(sku) => {
+            // Give back the lines taken so far, in this transaction.
+            for (sku, qty) in taken {
+                give_back(conn, sku, qty).await?;
+            }
+            Reservation::Rejected(format!("not enough {sku}"))
+        }
+    };
+    let (state, reason) = match &decision {
+        Reservation::Held => ("held", None),
+        Reservation::Rejected(r) => ("rejected", Some(r.as_str())),
+    };
+    sqlx::query(
+        "INSERT INTO reservations (order_id, state, reason, lines) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(&id)
+    .bind(state)
+    .bind(reason)
+    .bind(serde_json::to_string(lines)?)
+    .execute(&mut *conn)
+    .await?;
+    Ok(Some(decision))
+}
+
+/// Gives back what was held for `order_id`, once.
+async fn release(conn: &mut AnyConnection, order_id: Uuid) -> Result<(), BoxError> {
+    let lines: Option<String> = sqlx::query_scalar(
+        "UPDATE reservations SET state = 'released' \
+         WHERE order_id = $1 AND state = 'held' RETURNING lines",
+    )
+    .bind(order_id.to_string())
+    .fetch_optional(&mut *conn)
+    .await?;
+    if let Some(lines) = lines {
+        let mut lines: Vec<OrderLine> = serde_json::from_str(&lines)?;
+        // The order `reserve` locks rows in, so the two never deadlock.
+        lines.sort_by(|a, b| a.sku.cmp(&b.sku));
+        for l in &lines {
+            give_back(conn, &l.sku, u64::from(l.quantity)).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Moves `qty` units of `sku` from reserved back to available.
+async fn give_back(conn: &mut AnyConnection, sku: &str, qty: u64) -> Result<(), BoxError> {
+    sqlx::query(
+        "UPDATE stock SET available = available + $2, reserved = reserved - $2 WHERE sku = $1",
+    )
+    .bind(sku)
+    .bind(signed(qty))
+    .execute(conn)
+    .await?;
+    Ok(())
 }

@@ -1,19 +1,22 @@
 //! The orders module: takes orders, follows them to confirmed and shipped,
 //! or cancelled. Talks to the other modules only through events.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
-use deadpool_postgres::Pool;
-use seambus::{Bus, Context, HandlerError, Module, PublishOptions, Received};
+use seambus::{Bus, Event, HandlerError, Module, Received};
+use seambus_sql::InboxResult;
 use serde::{Deserialize, Serialize};
+use sqlx::any::AnyRow;
+use sqlx::{Any, AnyConnection, Row, Transaction};
 use tiny_store_inventory_contract::StockRejected;
 use tiny_store_orders_contract::{
     OrderCancelled, OrderConfirmed, OrderLine, OrderPlaced, OrderPlacedV1,
 };
 use tiny_store_payments_contract::{PaymentCaptured, PaymentFailed};
-use tiny_store_platform::{lock, open_pool, BoxError, Started, Storage};
+use tiny_store_platform::{notifying, signed, unsigned, BoxError, Db, Started, Storage};
 use tiny_store_shipments_contract::OrderShipped;
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -86,7 +89,8 @@ pub struct Order {
 pub enum PlaceError {
     /// The order is malformed (no lines, zero quantity, empty SKU...).
     Invalid(String),
-    /// Storing or publishing failed; trying again can help.
+    /// The database failed; nothing was stored and nothing will be
+    /// published. Trying again can help.
     Unavailable(BoxError),
 }
 
@@ -101,6 +105,10 @@ impl std::fmt::Display for PlaceError {
 
 impl std::error::Error for PlaceError {}
 
+fn unavailable(e: impl Into<BoxError>) -> PlaceError {
+    PlaceError::Unavailable(e.into())
+}
+
 /// The orders module.
 #[derive(Clone)]
 pub struct Orders {
@@ -108,34 +116,31 @@ pub struct Orders {
 }
 
 struct Inner {
+    bus: Bus,
     module: Module,
-    store: Store,
-    /// Bumped whenever an order reaches a final state.
+    db: Db,
+    /// Bumped whenever a handler committed (an order may have settled).
     settled: watch::Sender<u64>,
-}
-
-enum Store {
-    Memory(Mutex<HashMap<Uuid, Order>>),
-    Postgres(Pool),
 }
 
 const MIGRATION: &str = "
 CREATE TABLE IF NOT EXISTS orders (
-    order_id uuid PRIMARY KEY,
+    order_id text PRIMARY KEY,
     customer text NOT NULL,
     lines text NOT NULL,
     total_cents bigint NOT NULL,
     state text NOT NULL,
     reason text,
-    tracking_number text,
-    placed_at timestamptz NOT NULL DEFAULT now()
+    tracking_number text
 );";
+
+const COLUMNS: &str = "order_id, customer, lines, total_cents, state, reason, tracking_number";
 
 /// What a transition did.
 enum Moved {
     /// The order moved to the new state.
     Now(Order),
-    /// It was in the new state already (a redelivery).
+    /// It was in the new state already.
     Already(Order),
     /// It is in a state the transition does not start from.
     Refused(Order),
@@ -144,69 +149,66 @@ enum Moved {
 }
 
 impl Orders {
-    /// Opens the module's storage (creating its schema on PostgreSQL).
+    /// Opens the module's database (creating its tables).
     pub async fn open(bus: &Bus, storage: &Storage) -> Result<Self, BoxError> {
-        let store = match open_pool(storage, MODULE, MIGRATION).await? {
-            None => Store::Memory(Mutex::default()),
-            Some(pool) => Store::Postgres(pool),
-        };
         Ok(Self {
             inner: Arc::new(Inner {
+                bus: bus.clone(),
                 module: bus.module(MODULE),
-                store,
+                db: Db::open(storage, MODULE, MIGRATION).await?,
                 settled: watch::Sender::new(0),
             }),
         })
     }
 
-    /// Subscribes to what the module reacts to.
+    /// Subscribes to what the module reacts to, and starts forwarding its
+    /// outbox. Each handler changes the order and writes the event that
+    /// follows in one transaction with the inbox record of the event it
+    /// handles: a redelivery changes nothing.
     pub async fn start(&self) -> seambus::Result<Started> {
         let m = &self.inner.module;
         let subscriptions = vec![
-            m.subscribe(self.on(|this, e: Received<StockRejected>| async move {
+            m.subscribe(self.on(|this, e: Received<StockRejected>, tx| async move {
                 let reason = format!("out of stock: {}", e.reason);
-                this.cancel(e.order_id, reason).await
+                this.cancel(tx, e.order_id, reason).await
             }))
             .await?,
-            m.subscribe(self.on(|this, e: Received<PaymentFailed>| async move {
+            m.subscribe(self.on(|this, e: Received<PaymentFailed>, tx| async move {
                 let reason = format!("payment failed: {}", e.reason);
-                this.cancel(e.order_id, reason).await
+                this.cancel(tx, e.order_id, reason).await
             }))
             .await?,
-            m.subscribe(self.on(|this, e: Received<PaymentCaptured>| async move {
-                this.confirm(e.order_id).await
-            }))
+            m.subscribe(
+                self.on(|this, e: Received<PaymentCaptured>, tx| async move {
+                    this.confirm(tx, e.order_id).await
+                }),
+            )
             .await?,
-            m.subscribe(self.on(|this, e: Received<OrderShipped>| async move {
-                this.shipped(e.order_id, &e.tracking_number).await
+            m.subscribe(self.on(|this, e: Received<OrderShipped>, tx| async move {
+                this.shipped(tx, e.order_id, &e.tracking_number).await
             }))
             .await?,
         ];
         Ok(Started {
             module: MODULE,
             subscriptions,
+            relay: Some(self.inner.db.relay(self.inner.bus.clone())),
         })
     }
 
-    /// Places an order: stores it, then publishes `OrderPlaced` (v2), and
-    /// returns it as stored.
-    ///
-    /// There is no outbox: when the publish fails (the error says so), the
-    /// order stays `placed` and nothing else happens to it. A production
-    /// shop would store the event with the order in one transaction and
-    /// publish from that table.
+    /// Places an order: stores it and writes `OrderPlaced` (v2) to the
+    /// outbox in one transaction, and returns it as stored. The event is
+    /// published once the transaction commits, even if this process dies
+    /// right after: there is no order without its event, nor an event
+    /// without its order.
     pub async fn place(&self, customer: &str, lines: Vec<OrderLine>) -> Result<Order, PlaceError> {
         check(customer, &lines)?;
-        let order = self.store_new(customer, lines).await?;
-        let event = OrderPlaced {
+        self.store_new(customer, lines, |order| OrderPlaced {
             order_id: order.order_id,
             customer: order.customer.clone(),
             lines: order.lines.clone(),
-        };
-        self.publish(order.order_id, event)
-            .await
-            .map_err(|e| PlaceError::Unavailable(e.into()))?;
-        Ok(order)
+        })
+        .await
     }
 
     /// The old checkout: one SKU, no customer, and it still publishes
@@ -222,61 +224,31 @@ impl Orders {
             quantity,
             unit_price_cents,
         };
-        check(
-            tiny_store_orders_contract::LEGACY_CUSTOMER,
-            std::slice::from_ref(&line),
-        )?;
-        let order = self
-            .store_new(tiny_store_orders_contract::LEGACY_CUSTOMER, vec![line])
-            .await?;
-        let event = OrderPlacedV1 {
+        let customer = tiny_store_orders_contract::LEGACY_CUSTOMER;
+        check(customer, std::slice::from_ref(&line))?;
+        self.store_new(customer, vec![line], |order| OrderPlacedV1 {
             order_id: order.order_id,
             sku: sku.to_owned(),
             quantity,
             unit_price_cents,
-        };
-        self.publish(order.order_id, event)
-            .await
-            .map_err(|e| PlaceError::Unavailable(e.into()))?;
-        Ok(order)
+        })
+        .await
     }
 
     /// One order.
     pub async fn get(&self, order_id: Uuid) -> Result<Option<Order>, BoxError> {
-        match &self.inner.store {
-            Store::Memory(m) => Ok(lock(m).get(&order_id).cloned()),
-            Store::Postgres(pool) => {
-                let row = pool
-                    .get()
-                    .await?
-                    .query_opt(
-                        "SELECT order_id, customer, lines, total_cents, state, reason, tracking_number \
-                         FROM orders WHERE order_id = $1",
-                        &[&order_id],
-                    )
-                    .await?;
-                row.map(|r| from_row(&r)).transpose()
-            }
-        }
+        let mut conn = self.inner.db.pool().acquire().await?;
+        load(&mut conn, order_id).await
     }
 
     /// Every order.
     pub async fn all(&self) -> Result<Vec<Order>, BoxError> {
-        match &self.inner.store {
-            Store::Memory(m) => Ok(lock(m).values().cloned().collect()),
-            Store::Postgres(pool) => pool
-                .get()
-                .await?
-                .query(
-                    "SELECT order_id, customer, lines, total_cents, state, reason, tracking_number \
-                     FROM orders",
-                    &[],
-                )
-                .await?
-                .iter()
-                .map(from_row)
-                .collect(),
-        }
+        sqlx::query(&format!("SELECT {COLUMNS} FROM orders"))
+            .fetch_all(self.inner.db.pool())
+            .await?
+            .iter()
+            .map(from_row)
+            .collect()
     }
 
     /// Waits until every order in `ids` is shipped or cancelled, or until
@@ -288,50 +260,88 @@ impl Orders {
         timeout: Duration,
         mut on_progress: impl FnMut(usize),
     ) -> Result<Vec<Order>, BoxError> {
+        let wanted: HashSet<String> = ids.iter().map(Uuid::to_string).collect();
         let mut changes = self.inner.settled.subscribe();
         let deadline = tokio::time::Instant::now() + timeout;
         let mut last = usize::MAX;
         loop {
             changes.mark_unchanged();
-            let mut orders = Vec::with_capacity(ids.len());
-            for id in ids {
-                if let Some(o) = self.get(*id).await? {
-                    orders.push(o);
-                }
-            }
-            let settled = orders.iter().filter(|o| o.state.is_final()).count();
+            let states: Vec<(String, String)> =
+                sqlx::query_as("SELECT order_id, state FROM orders")
+                    .fetch_all(self.inner.db.pool())
+                    .await?;
+            let settled = states
+                .iter()
+                .filter(|(id, state)| {
+                    wanted.contains(id) && OrderState::parse(state).is_ok_and(OrderState::is_final)
+                })
+                .count();
             if settled != last {
                 on_progress(settled);
                 last = settled;
             }
-            if settled == ids.len() {
+            let timed_out = settled < ids.len()
+                && tokio::time::timeout_at(deadline, changes.changed())
+                    .await
+                    .is_err();
+            if settled == ids.len() || timed_out {
+                let mut orders = Vec::with_capacity(ids.len());
+                for id in ids {
+                    orders.extend(self.get(*id).await?);
+                }
                 return Ok(orders);
             }
-            match tokio::time::timeout_at(deadline, changes.changed()).await {
-                Ok(Ok(())) => {}
-                _ => return Ok(orders),
-            }
+            // Many handlers commit at once: read again once they did.
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
-    fn on<E, F, Fut>(&self, f: F) -> impl Fn(Received<E>, Context) -> Fut + Send + Sync + 'static
+    /// A handler of `E` run through the inbox, that bumps `settled` once
+    /// its transaction committed.
+    fn on<E, F, Fut>(
+        &self,
+        f: F,
+    ) -> impl Fn(
+        Received<E>,
+        seambus::Context,
+    ) -> futures_util::future::BoxFuture<'static, Result<(), HandlerError>>
+           + Send
+           + Sync
+           + 'static
     where
-        E: seambus::Event,
-        F: Fn(Self, Received<E>) -> Fut + Send + Sync + 'static,
-        Fut: std::future::Future<Output = Result<(), HandlerError>> + Send + 'static,
+        E: Event,
+        F: Fn(Self, Received<E>, Transaction<'static, Any>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = InboxResult<Any>> + Send + 'static,
     {
         let this = self.clone();
-        move |e, _ctx| f(this.clone(), e)
+        let handler = self
+            .inner
+            .db
+            .inbox()
+            .handler(move |e, _ctx, tx| f(this.clone(), e, tx));
+        notifying(handler, self.inner.settled.clone())
     }
 
-    async fn publish<E: seambus::Event>(&self, order_id: Uuid, event: E) -> seambus::Result<Uuid> {
+    /// Writes `event` about `order_id` to the outbox in `tx`.
+    async fn publish<E: Event>(
+        &self,
+        tx: &mut AnyConnection,
+        order_id: Uuid,
+        event: E,
+    ) -> Result<(), HandlerError> {
         self.inner
-            .module
-            .publish_with(event, PublishOptions::new().key(order_id.to_string()))
+            .db
+            .publish(tx, &self.inner.module, order_id, event)
             .await
+            .map_err(HandlerError::retry)
     }
 
-    async fn store_new(&self, customer: &str, lines: Vec<OrderLine>) -> Result<Order, PlaceError> {
+    async fn store_new<E: Event>(
+        &self,
+        customer: &str,
+        lines: Vec<OrderLine>,
+        event: impl FnOnce(&Order) -> E,
+    ) -> Result<Order, PlaceError> {
         let order = Order {
             order_id: Uuid::now_v7(),
             customer: customer.to_owned(),
@@ -341,170 +351,157 @@ impl Orders {
             reason: None,
             tracking_number: None,
         };
-        match &self.inner.store {
-            Store::Memory(m) => {
-                lock(m).insert(order.order_id, order.clone());
-            }
-            Store::Postgres(pool) => {
-                let lines = serde_json::to_string(&order.lines)
-                    .map_err(|e| PlaceError::Unavailable(e.into()))?;
-                let client = pool
-                    .get()
-                    .await
-                    .map_err(|e| PlaceError::Unavailable(e.into()))?;
-                client
-                    .execute(
-                        "INSERT INTO orders (order_id, customer, lines, total_cents, state) \
-                         VALUES ($1, $2, $3, $4, 'placed')",
-                        &[
-                            &order.order_id,
-                            &order.customer,
-                            &lines,
-                            &cents(order.total_cents),
-                        ],
-                    )
-                    .await
-                    .map_err(|e| PlaceError::Unavailable(e.into()))?;
-            }
-        }
+        let lines = serde_json::to_string(&order.lines).map_err(unavailable)?;
+        let mut tx = self.inner.db.begin().await.map_err(unavailable)?;
+        sqlx::query(
+            "INSERT INTO orders (order_id, customer, lines, total_cents, state) \
+             VALUES ($1, $2, $3, $4, 'placed')",
+        )
+        .bind(order.order_id.to_string())
+        .bind(&order.customer)
+        .bind(lines)
+        .bind(signed(order.total_cents))
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        self.inner
+            .db
+            .publish(&mut tx, &self.inner.module, order.order_id, event(&order))
+            .await
+            .map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)?;
         Ok(order)
     }
 
-    async fn cancel(&self, order_id: Uuid, reason: String) -> Result<(), HandlerError> {
-        match self
-            .transition(
-                order_id,
-                OrderState::Placed,
-                OrderState::Cancelled,
-                Some(&reason),
-                None,
-            )
-            .await?
-        {
-            Moved::Now(_) | Moved::Already(_) => {
-                // Published again on a redelivery: the first publish may
-                // not have happened. Subscribers are idempotent.
-                self.publish(order_id, OrderCancelled { order_id, reason })
-                    .await
-                    .map_err(HandlerError::retry)?;
-                Ok(())
+    async fn cancel(
+        &self,
+        mut tx: Transaction<'static, Any>,
+        order_id: Uuid,
+        reason: String,
+    ) -> InboxResult<Any> {
+        let moved = transition(
+            &mut tx,
+            order_id,
+            OrderState::Placed,
+            OrderState::Cancelled,
+            Some(&reason),
+            None,
+        )
+        .await?;
+        match moved {
+            Moved::Now(_) => {
+                self.publish(&mut tx, order_id, OrderCancelled { order_id, reason })
+                    .await?;
             }
-            Moved::Refused(o) => {
-                tracing::warn!(%order_id, state = ?o.state, "cancel ignored");
-                Ok(())
-            }
-            Moved::Missing => Err(HandlerError::reject(format!("no order {order_id}"))),
+            Moved::Already(_) => {}
+            Moved::Refused(o) => tracing::warn!(%order_id, state = ?o.state, "cancel ignored"),
+            Moved::Missing => return Err(HandlerError::reject(format!("no order {order_id}"))),
         }
+        Ok(tx)
     }
 
-    async fn confirm(&self, order_id: Uuid) -> Result<(), HandlerError> {
-        match self
-            .transition(
-                order_id,
-                OrderState::Placed,
-                OrderState::Confirmed,
-                None,
-                None,
-            )
-            .await?
-        {
-            Moved::Now(o) | Moved::Already(o) => {
+    async fn confirm(&self, mut tx: Transaction<'static, Any>, order_id: Uuid) -> InboxResult<Any> {
+        let moved = transition(
+            &mut tx,
+            order_id,
+            OrderState::Placed,
+            OrderState::Confirmed,
+            None,
+            None,
+        )
+        .await?;
+        match moved {
+            Moved::Now(o) => {
                 let event = OrderConfirmed {
                     order_id,
                     customer: o.customer,
                     lines: o.lines,
                 };
-                self.publish(order_id, event)
-                    .await
-                    .map_err(HandlerError::retry)?;
-                Ok(())
+                self.publish(&mut tx, order_id, event).await?;
             }
+            Moved::Already(_) => {}
             Moved::Refused(o) => {
                 tracing::warn!(%order_id, state = ?o.state, "confirmation ignored");
-                Ok(())
             }
-            Moved::Missing => Err(HandlerError::reject(format!("no order {order_id}"))),
+            Moved::Missing => return Err(HandlerError::reject(format!("no order {order_id}"))),
         }
+        Ok(tx)
     }
 
-    async fn shipped(&self, order_id: Uuid, tracking: &str) -> Result<(), HandlerError> {
-        match self
-            .transition(
-                order_id,
-                OrderState::Confirmed,
-                OrderState::Shipped,
-                None,
-                Some(tracking),
-            )
-            .await?
-        {
-            Moved::Now(_) | Moved::Already(_) => Ok(()),
+    async fn shipped(
+        &self,
+        mut tx: Transaction<'static, Any>,
+        order_id: Uuid,
+        tracking: &str,
+    ) -> InboxResult<Any> {
+        let moved = transition(
+            &mut tx,
+            order_id,
+            OrderState::Confirmed,
+            OrderState::Shipped,
+            None,
+            Some(tracking),
+        )
+        .await?;
+        match moved {
+            Moved::Now(_) => {}
+            // The same shipment announced again.
+            Moved::Already(o) if o.tracking_number.as_deref() == Some(tracking) => {}
+            // A second shipment of one order: a fault upstream, kept as a
+            // dead letter for someone to look at.
+            Moved::Already(_) => {
+                return Err(HandlerError::reject(format!(
+                    "order {order_id} is shipped already, under another tracking number"
+                )))
+            }
             Moved::Refused(o) => {
                 tracing::warn!(%order_id, state = ?o.state, "shipment of an unconfirmed order");
-                Ok(())
             }
-            Moved::Missing => Err(HandlerError::reject(format!("no order {order_id}"))),
+            Moved::Missing => return Err(HandlerError::reject(format!("no order {order_id}"))),
         }
+        Ok(tx)
     }
+}
 
-    async fn transition(
-        &self,
-        order_id: Uuid,
-        from: OrderState,
-        to: OrderState,
-        reason: Option<&str>,
-        tracking: Option<&str>,
-    ) -> Result<Moved, HandlerError> {
-        let moved = match &self.inner.store {
-            Store::Memory(m) => {
-                let mut orders = lock(m);
-                match orders.get_mut(&order_id) {
-                    None => Moved::Missing,
-                    Some(o) if o.state == to => Moved::Already(o.clone()),
-                    Some(o) if o.state != from => Moved::Refused(o.clone()),
-                    Some(o) => {
-                        o.state = to;
-                        if let Some(r) = reason {
-                            o.reason = Some(r.to_owned());
-                        }
-                        if let Some(t) = tracking {
-                            o.tracking_number = Some(t.to_owned());
-                        }
-                        Moved::Now(o.clone())
-                    }
-                }
-            }
-            Store::Postgres(pool) => {
-                let client = pool.get().await.map_err(HandlerError::retry)?;
-                let updated = client
-                    .query_opt(
-                        "UPDATE orders SET state = $3, reason = coalesce($4, reason), \
-                         tracking_number = coalesce($5, tracking_number) \
-                         WHERE order_id = $1 AND state = $2 \
-                         RETURNING order_id, customer, lines, total_cents, state, reason, tracking_number",
-                        &[&order_id, &from.as_str(), &to.as_str(), &reason, &tracking],
-                    )
-                    .await
-                    .map_err(HandlerError::retry)?;
-                // One pooled connection at a time: `get` takes its own.
-                drop(client);
-                match updated {
-                    Some(row) => Moved::Now(from_row(&row).map_err(HandlerError::reject)?),
-                    None => match self.get(order_id).await.map_err(HandlerError::retry)? {
-                        None => Moved::Missing,
-                        Some(o) if o.state == to => Moved::Already(o),
-                        Some(o) => Moved::Refused(o),
-                    },
-                }
-            }
-        };
-        if let Moved::Now(o) = &moved {
-            if o.state.is_final() {
-                self.inner.settled.send_modify(|n| *n += 1);
-            }
-        }
-        Ok(moved)
-    }
+/// Moves order `order_id` from `from` to `to` in `conn`'s transaction.
+async fn transition(
+    conn: &mut AnyConnection,
+    order_id: Uuid,
+    from: OrderState,
+    to: OrderState,
+    reason: Option<&str>,
+    tracking: Option<&str>,
+) -> Result<Moved, HandlerError> {
+    let updated = sqlx::query(&format!(
+        "UPDATE orders SET state = $3, reason = coalesce($4, reason), \
+         tracking_number = coalesce($5, tracking_number) \
+         WHERE order_id = $1 AND state = $2 RETURNING {COLUMNS}"
+    ))
+    .bind(order_id.to_string())
+    .bind(from.as_str())
+    .bind(to.as_str())
+    .bind(reason)
+    .bind(tracking)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(HandlerError::retry)?;
+    Ok(match updated {
+        Some(row) => Moved::Now(from_row(&row).map_err(HandlerError::reject)?),
+        None => match load(conn, order_id).await.map_err(HandlerError::retry)? {
+            None => Moved::Missing,
+            Some(o) if o.state == to => Moved::Already(o),
+            Some(o) => Moved::Refused(o),
+        },
+    })
+}
+
+async fn load(conn: &mut AnyConnection, order_id: Uuid) -> Result<Option<Order>, BoxError> {
+    sqlx::query(&format!("SELECT {COLUMNS} FROM orders WHERE order_id = $1"))
+        .bind(order_id.to_string())
+        .fetch_optional(conn)
+        .await?
+        .map(|r| from_row(&r))
+        .transpose()
 }
 
 fn check(customer: &str, lines: &[OrderLine]) -> Result<(), PlaceError> {
@@ -532,20 +529,15 @@ fn check(customer: &str, lines: &[OrderLine]) -> Result<(), PlaceError> {
     Ok(())
 }
 
-/// Cents as PostgreSQL `bigint` (amounts are checked far below its limit).
-fn cents(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-fn from_row(row: &tokio_postgres::Row) -> Result<Order, BoxError> {
+fn from_row(row: &AnyRow) -> Result<Order, BoxError> {
+    let order_id: String = row.try_get("order_id")?;
     let lines: String = row.try_get("lines")?;
-    let total: i64 = row.try_get("total_cents")?;
     let state: String = row.try_get("state")?;
     Ok(Order {
-        order_id: row.try_get("order_id")?,
+        order_id: order_id.parse()?,
         customer: row.try_get("customer")?,
         lines: serde_json::from_str(&lines)?,
-        total_cents: u64::try_from(total)?,
+        total_cents: unsigned(row.try_get("total_cents")?)?,
         state: OrderState::parse(&state)?,
         reason: row.try_get("reason")?,
         tracking_number: row.try_get("tracking_number")?,

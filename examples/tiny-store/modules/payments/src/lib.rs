@@ -2,13 +2,14 @@
 //! reserved, or declines it.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use deadpool_postgres::Pool;
-use seambus::{Bus, HandlerError, Module, PublishOptions, Received};
+use seambus::{Bus, HandlerError, Module, Received};
+use seambus_sql::InboxResult;
+use sqlx::{Any, Transaction};
 use tiny_store_inventory_contract::StockReserved;
 use tiny_store_payments_contract::{PaymentCaptured, PaymentFailed};
-use tiny_store_platform::{lock, open_pool, BoxError, Started, Storage};
+use tiny_store_platform::{signed, unsigned, BoxError, Db, Started, Storage};
 use uuid::Uuid;
 
 /// The module's name on the bus.
@@ -27,13 +28,9 @@ pub struct Payments {
 }
 
 struct Inner {
+    bus: Bus,
     module: Module,
-    store: Store,
-}
-
-enum Store {
-    Memory(Mutex<HashMap<Uuid, Payment>>),
-    Postgres(Pool),
+    db: Db,
 }
 
 /// One order's payment.
@@ -47,143 +44,118 @@ pub enum Payment {
 
 const MIGRATION: &str = "
 CREATE TABLE IF NOT EXISTS payments (
-    order_id uuid PRIMARY KEY,
+    order_id text PRIMARY KEY,
     customer text NOT NULL,
     amount_cents bigint NOT NULL,
-    captured boolean NOT NULL,
+    captured bigint NOT NULL,
     reason text
 );";
 
 impl Payments {
-    /// Opens the module's storage (creating its schema on PostgreSQL).
+    /// Opens the module's database (creating its tables).
     pub async fn open(bus: &Bus, storage: &Storage) -> Result<Self, BoxError> {
-        let store = match open_pool(storage, MODULE, MIGRATION).await? {
-            None => Store::Memory(Mutex::default()),
-            Some(pool) => Store::Postgres(pool),
-        };
         Ok(Self {
             inner: Arc::new(Inner {
+                bus: bus.clone(),
                 module: bus.module(MODULE),
-                store,
+                db: Db::open(storage, MODULE, MIGRATION).await?,
             }),
         })
     }
 
-    /// Subscribes to reserved stock.
+    /// Subscribes to reserved stock (through the inbox: a redelivery
+    /// charges nothing again) and forwards its outbox.
     pub async fn start(&self) -> seambus::Result<Started> {
         let this = self.clone();
-        let reserved = self
+        let handler = self
             .inner
-            .module
-            .subscribe(move |e: Received<StockReserved>, _ctx| {
+            .db
+            .inbox()
+            .handler(move |e: Received<StockReserved>, _ctx, tx| {
                 let this = this.clone();
-                async move { this.on_reserved(&e).await }
-            })
-            .await?;
+                async move { this.on_reserved(tx, &e).await }
+            });
+        let reserved = self.inner.module.subscribe(handler).await?;
         Ok(Started {
             module: MODULE,
             subscriptions: vec![reserved],
+            relay: Some(self.inner.db.relay(self.inner.bus.clone())),
         })
     }
 
     /// Every payment, by order.
     pub async fn payments(&self) -> Result<HashMap<Uuid, Payment>, BoxError> {
-        match &self.inner.store {
-            Store::Memory(m) => Ok(lock(m).clone()),
-            Store::Postgres(pool) => {
-                let rows = pool
-                    .get()
-                    .await?
-                    .query(
-                        "SELECT order_id, amount_cents, captured, reason FROM payments",
-                        &[],
-                    )
-                    .await?;
-                rows.iter()
-                    .map(|r| {
-                        let amount: i64 = r.try_get(1)?;
-                        let payment = if r.try_get(2)? {
-                            Payment::Captured(u64::try_from(amount)?)
-                        } else {
-                            Payment::Declined(
-                                r.try_get::<_, Option<String>>(3)?.unwrap_or_default(),
-                            )
-                        };
-                        Ok((r.try_get(0)?, payment))
-                    })
-                    .collect()
-            }
-        }
+        let rows: Vec<(String, i64, i64, Option<String>)> =
+            sqlx::query_as("SELECT order_id, amount_cents, captured, reason FROM payments")
+                .fetch_all(self.inner.db.pool())
+                .await?;
+        rows.into_iter()
+            .map(|(id, amount, captured, reason)| {
+                let payment = if captured != 0 {
+                    Payment::Captured(unsigned(amount)?)
+                } else {
+                    Payment::Declined(reason.unwrap_or_default())
+                };
+                Ok((id.parse()?, payment))
+            })
+            .collect()
     }
 
-    async fn on_reserved(&self, e: &StockReserved) -> Result<(), HandlerError> {
-        let payment = self
-            .charge(e.order_id, &e.customer, e.amount_cents)
-            .await
-            .map_err(HandlerError::retry)?;
-        let key = PublishOptions::new().key(e.order_id.to_string());
-        // The stored outcome is published again on a redelivery.
-        let published = match payment {
-            Payment::Captured(amount_cents) => {
-                let event = PaymentCaptured {
-                    order_id: e.order_id,
-                    amount_cents,
-                };
-                self.inner.module.publish_with(event, key).await
-            }
-            Payment::Declined(reason) => {
-                let event = PaymentFailed {
-                    order_id: e.order_id,
-                    reason,
-                };
-                self.inner.module.publish_with(event, key).await
-            }
-        };
-        published.map(|_| ()).map_err(HandlerError::retry)
-    }
-
-    /// Decides once per order; a second call returns the first decision.
-    async fn charge(
+    /// Decides once per order, stores the decision and writes its event
+    /// to the outbox, in one transaction.
+    async fn on_reserved(
         &self,
-        order_id: Uuid,
-        customer: &str,
-        amount: u64,
-    ) -> Result<Payment, BoxError> {
-        let decision = if customer.starts_with(BLOCKED_PREFIX) {
+        mut tx: Transaction<'static, Any>,
+        e: &StockReserved,
+    ) -> InboxResult<Any> {
+        let amount = e.amount_cents;
+        let payment = if e.customer.starts_with(BLOCKED_PREFIX) {
             Payment::Declined("card blocked".into())
         } else if amount > CARD_LIMIT_CENTS {
             Payment::Declined("over the card limit".into())
         } else {
             Payment::Captured(amount)
         };
-        match &self.inner.store {
-            Store::Memory(m) => Ok(lock(m).entry(order_id).or_insert(decision).clone()),
-            Store::Postgres(pool) => {
-                let (captured, reason) = match &decision {
-                    Payment::Captured(_) => (true, None),
-                    Payment::Declined(r) => (false, Some(r.as_str())),
-                };
-                let client = pool.get().await?;
-                client
-                    .execute(
-                        "INSERT INTO payments (order_id, customer, amount_cents, captured, reason) \
-                         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (order_id) DO NOTHING",
-                        &[&order_id, &customer, &i64::try_from(amount)?, &captured, &reason],
-                    )
-                    .await?;
-                let row = client
-                    .query_one(
-                        "SELECT amount_cents, captured, reason FROM payments WHERE order_id = $1",
-                        &[&order_id],
-                    )
-                    .await?;
-                let amount: i64 = row.try_get(0)?;
-                Ok(if row.try_get(1)? {
-                    Payment::Captured(u64::try_from(amount)?)
-                } else {
-                    Payment::Declined(row.try_get::<_, Option<String>>(2)?.unwrap_or_default())
-                })
-            }
+        let (captured, reason) = match &payment {
+            Payment::Captured(_) => (1_i64, None),
+            Payment::Declined(r) => (0, Some(r.as_str())),
+        };
+        let first = sqlx::query(
+            "INSERT INTO payments (order_id, customer, amount_cents, captured, reason) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (order_id) DO NOTHING",
+        )
+        .bind(e.order_id.to_string())
+        .bind(&e.customer)
+        .bind(signed(amount))
+        .bind(captured)
+        .bind(reason)
+        .execute(&mut *tx)
+        .await
+        .map_err(HandlerError::retry)?
+        .rows_affected()
+            == 1;
+        if !first {
+            // Decided before, on another event about this order.
+            return Ok(tx);
         }
+        let (db, module) = (&self.inner.db, &self.inner.module);
+        let written = match payment {
+            Payment::Captured(amount_cents) => {
+                let event = PaymentCaptured {
+                    order_id: e.order_id,
+                    amount_cents,
+                };
+                db.publish(&mut tx, module, e.order_id, event).await
+            }
+            Payment::Declined(reason) => {
+                let event = PaymentFailed {
+                    order_id: e.order_id,
+                    reason,
+                };
+                db.publish(&mut tx, module, e.order_id, event).await
+            }
+        };
+        written.map_err(HandlerError::retry)?;
+        Ok(tx)
     }
 }

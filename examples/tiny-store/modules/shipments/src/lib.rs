@@ -1,12 +1,13 @@
 //! The shipments module: ships every confirmed order, once.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use deadpool_postgres::Pool;
-use seambus::{Bus, HandlerError, Module, PublishOptions, Received};
+use seambus::{Bus, HandlerError, Module, Received};
+use seambus_sql::InboxResult;
+use sqlx::{Any, Transaction};
 use tiny_store_orders_contract::OrderConfirmed;
-use tiny_store_platform::{lock, open_pool, BoxError, Started, Storage};
+use tiny_store_platform::{signed, BoxError, Db, Started, Storage};
 use tiny_store_shipments_contract::OrderShipped;
 use uuid::Uuid;
 
@@ -20,113 +21,96 @@ pub struct Shipments {
 }
 
 struct Inner {
+    bus: Bus,
     module: Module,
-    store: Store,
-}
-
-enum Store {
-    Memory(Mutex<HashMap<Uuid, String>>),
-    Postgres(Pool),
+    db: Db,
 }
 
 const MIGRATION: &str = "
 CREATE TABLE IF NOT EXISTS shipments (
-    order_id uuid PRIMARY KEY,
+    order_id text PRIMARY KEY,
     tracking_number text NOT NULL,
-    items bigint NOT NULL,
-    shipped_at timestamptz NOT NULL DEFAULT now()
+    items bigint NOT NULL
 );";
 
 impl Shipments {
-    /// Opens the module's storage (creating its schema on PostgreSQL).
+    /// Opens the module's database (creating its tables).
     pub async fn open(bus: &Bus, storage: &Storage) -> Result<Self, BoxError> {
-        let store = match open_pool(storage, MODULE, MIGRATION).await? {
-            None => Store::Memory(Mutex::default()),
-            Some(pool) => Store::Postgres(pool),
-        };
         Ok(Self {
             inner: Arc::new(Inner {
+                bus: bus.clone(),
                 module: bus.module(MODULE),
-                store,
+                db: Db::open(storage, MODULE, MIGRATION).await?,
             }),
         })
     }
 
-    /// Subscribes to confirmed orders.
+    /// Subscribes to confirmed orders (through the inbox: a redelivered
+    /// confirmation ships nothing again) and forwards its outbox.
     pub async fn start(&self) -> seambus::Result<Started> {
         let this = self.clone();
-        let confirmed = self
-            .inner
-            .module
-            .subscribe(move |e: Received<OrderConfirmed>, _ctx| {
-                let this = this.clone();
-                async move { this.on_confirmed(&e).await }
-            })
-            .await?;
+        let handler =
+            self.inner
+                .db
+                .inbox()
+                .handler(move |e: Received<OrderConfirmed>, _ctx, tx| {
+                    let this = this.clone();
+                    async move { this.on_confirmed(tx, &e).await }
+                });
+        let confirmed = self.inner.module.subscribe(handler).await?;
         Ok(Started {
             module: MODULE,
             subscriptions: vec![confirmed],
+            relay: Some(self.inner.db.relay(self.inner.bus.clone())),
         })
     }
 
     /// Tracking numbers, by order.
     pub async fn shipments(&self) -> Result<HashMap<Uuid, String>, BoxError> {
-        match &self.inner.store {
-            Store::Memory(m) => Ok(lock(m).clone()),
-            Store::Postgres(pool) => pool
-                .get()
-                .await?
-                .query("SELECT order_id, tracking_number FROM shipments", &[])
-                .await?
-                .iter()
-                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
-                .collect(),
-        }
+        let rows: Vec<(String, String)> =
+            sqlx::query_as("SELECT order_id, tracking_number FROM shipments")
+                .fetch_all(self.inner.db.pool())
+                .await?;
+        rows.into_iter()
+            .map(|(id, tracking)| Ok((id.parse()?, tracking)))
+            .collect()
     }
 
-    async fn on_confirmed(&self, e: &OrderConfirmed) -> Result<(), HandlerError> {
+    /// Ships the order (once: a second confirmation of one order finds its
+    /// shipment) and writes `OrderShipped` to the outbox, in one
+    /// transaction.
+    async fn on_confirmed(
+        &self,
+        mut tx: Transaction<'static, Any>,
+        e: &OrderConfirmed,
+    ) -> InboxResult<Any> {
         let items: u64 = e.lines.iter().map(|l| u64::from(l.quantity)).sum();
-        let tracking_number = self
-            .ship(e.order_id, items)
-            .await
-            .map_err(HandlerError::retry)?;
-        // Published again on a redelivery, with the same number.
-        self.inner
-            .module
-            .publish_with(
-                OrderShipped {
-                    order_id: e.order_id,
-                    tracking_number,
-                },
-                PublishOptions::new().key(e.order_id.to_string()),
-            )
-            .await
-            .map_err(HandlerError::retry)?;
-        Ok(())
-    }
-
-    /// One shipment per order; a second call returns the first number.
-    async fn ship(&self, order_id: Uuid, items: u64) -> Result<String, BoxError> {
         let fresh = format!("TS-{}", Uuid::now_v7().simple());
-        match &self.inner.store {
-            Store::Memory(m) => Ok(lock(m).entry(order_id).or_insert(fresh).clone()),
-            Store::Postgres(pool) => {
-                let client = pool.get().await?;
-                client
-                    .execute(
-                        "INSERT INTO shipments (order_id, tracking_number, items) VALUES ($1, $2, $3) \
-                         ON CONFLICT (order_id) DO NOTHING",
-                        &[&order_id, &fresh, &i64::try_from(items)?],
-                    )
-                    .await?;
-                let row = client
-                    .query_one(
-                        "SELECT tracking_number FROM shipments WHERE order_id = $1",
-                        &[&order_id],
-                    )
-                    .await?;
-                Ok(row.try_get(0)?)
-            }
-        }
+        sqlx::query(
+            "INSERT INTO shipments (order_id, tracking_number, items) VALUES ($1, $2, $3) \
+             ON CONFLICT (order_id) DO NOTHING",
+        )
+        .bind(e.order_id.to_string())
+        .bind(&fresh)
+        .bind(signed(items))
+        .execute(&mut *tx)
+        .await
+        .map_err(HandlerError::retry)?;
+        let tracking_number: String =
+            sqlx::query_scalar("SELECT tracking_number FROM shipments WHERE order_id = $1")
+                .bind(e.order_id.to_string())
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(HandlerError::retry)?;
+        let shipped = OrderShipped {
+            order_id: e.order_id,
+            tracking_number,
+        };
+        self.inner
+            .db
+            .publish(&mut tx, &self.inner.module, e.order_id, shipped)
+            .await
+            .map_err(HandlerError::retry)?;
+        Ok(tx)
     }
 }
