@@ -77,6 +77,17 @@ enum Command {
     /// Run the modules' handlers only, until Ctrl-C or SIGTERM (an
     /// extracted module's process).
     Run,
+    /// Wait until every order in the database is shipped or cancelled,
+    /// then check the books (after a crash, say): every shipped order paid
+    /// and shipped once, stock conserved. Needs every module here.
+    Check {
+        /// Units of each SKU in stock at the very start (`serve --stock`).
+        #[arg(long, default_value_t = 100)]
+        stock: u64,
+        /// Seconds to wait for every order to settle.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
     /// Delete this namespace's broker state (streams, queues, exchanges,
     /// topics) on every broker the routes name. Events still queued there
     /// are lost.
@@ -178,7 +189,7 @@ async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
                     stock_per_sku: stock,
                     ..Plan::new(0)
                 };
-                simulate::seed(&shop, &plan).await?;
+                simulate::stock_new(&shop, plan.stock_per_sku).await?;
             }
             let listener = tokio::net::TcpListener::bind(&addr).await?;
             let stop = stop_signal();
@@ -192,6 +203,16 @@ async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
                 ExitCode::FAILURE
             } else {
                 ExitCode::SUCCESS
+            }
+        }
+        Command::Check { stock, timeout } => {
+            let (report, audit) =
+                simulate::check(&shop, stock, Duration::from_secs(timeout)).await?;
+            print_outcome(&report);
+            if print_audit(&audit) && report.all_settled() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
             }
         }
         Command::Run => {
@@ -234,6 +255,23 @@ async fn simulate_command(shop: &Shop, plan: &Plan, quiet: bool) -> Result<ExitC
     })
     .await?;
     bar.finish_and_clear();
+    print_outcome(&report);
+    let mut ok = report.all_settled();
+    if let Some(initial) = initial.filter(|_| shop.payments.is_some() && shop.shipments.is_some()) {
+        let audit = simulate::audit(shop, &initial, &report).await?;
+        ok &= print_audit(&audit);
+    } else {
+        println!("(books not checked: not every module runs in this process)");
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Prints how the orders ended.
+fn print_outcome(report: &simulate::Report) {
     let secs = report.elapsed.as_secs_f64();
     println!(
         "placed {} orders ({} through the legacy checkout, OrderPlaced v1) in {:.2?}: \
@@ -248,29 +286,22 @@ async fn simulate_command(shop: &Shop, plan: &Plan, quiet: bool) -> Result<ExitC
             - report.count(OrderState::Cancelled),
         report.placed.len() as f64 / secs.max(1e-9),
     );
-    let mut ok = report.all_settled();
-    if let Some(initial) = initial.filter(|_| shop.payments.is_some() && shop.shipments.is_some()) {
-        let audit = simulate::audit(shop, &initial, &report).await?;
-        if audit.problems.is_empty() {
-            println!(
-                "books balance: {} captured = {} shipped; stock at start = free + held, held = shipped",
-                cents(audit.captured_cents),
-                cents(audit.shipped_value_cents)
-            );
-        } else {
-            ok = false;
-            for p in &audit.problems {
-                println!("BOOKS DO NOT BALANCE: {p}");
-            }
+}
+
+/// Prints the audit; true when the books balance.
+fn print_audit(audit: &simulate::Audit) -> bool {
+    if audit.problems.is_empty() {
+        println!(
+            "books balance: {} captured = {} shipped; stock at start = free + held, held = shipped",
+            cents(audit.captured_cents),
+            cents(audit.shipped_value_cents)
+        );
+    } else {
+        for p in &audit.problems {
+            println!("BOOKS DO NOT BALANCE: {p}");
         }
-    } else {
-        println!("(books not checked: not every module runs in this process)");
     }
-    Ok(if ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    audit.problems.is_empty()
 }
 
 fn cents(c: u64) -> String {

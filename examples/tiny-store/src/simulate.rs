@@ -105,6 +105,60 @@ pub async fn seed(shop: &Shop, plan: &Plan) -> Result<StockCounts, BoxError> {
     inventory.levels().await
 }
 
+/// Puts `units` free units of every SKU of the catalogue in stock, except
+/// the SKUs in stock already (a restarted shop keeps its stock).
+pub async fn stock_new(shop: &Shop, units: u64) -> Result<(), BoxError> {
+    let inventory = shop
+        .inventory
+        .as_ref()
+        .ok_or("stocking needs the inventory module in this process")?;
+    for (sku, _) in CATALOGUE {
+        inventory.stock_new(sku, units).await?;
+    }
+    Ok(())
+}
+
+/// Waits until every order in the database is shipped or cancelled (or
+/// `timeout`), then checks the books against a start of `units` free
+/// units of every SKU of the catalogue (as `serve --stock units` makes
+/// them): `tiny-store check`, after a crash say.
+pub async fn check(
+    shop: &Shop,
+    units: u64,
+    timeout: Duration,
+) -> Result<(Report, Audit), BoxError> {
+    let orders = shop
+        .orders
+        .as_ref()
+        .ok_or("checking needs the orders module in this process")?;
+    let started = Instant::now();
+    let all = orders.all().await?;
+    let legacy = all
+        .iter()
+        .filter(|o| o.customer == tiny_store_orders_contract::LEGACY_CUSTOMER)
+        .count();
+    let placed: Vec<Uuid> = all.iter().map(|o| o.order_id).collect();
+    let settled = orders.wait_settled(&placed, timeout, |_| {}).await?;
+    let report = Report {
+        legacy,
+        orders: settled,
+        elapsed: started.elapsed(),
+        placed,
+    };
+    let initial = CATALOGUE
+        .iter()
+        .map(|(sku, _)| {
+            let start = Level {
+                available: units,
+                reserved: 0,
+            };
+            ((*sku).to_owned(), start)
+        })
+        .collect();
+    let audit = audit(shop, &initial, &report).await?;
+    Ok((report, audit))
+}
+
 /// Places the plan's orders and waits until they settle (or the timeout).
 pub async fn run(
     shop: &Shop,

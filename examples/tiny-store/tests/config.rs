@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use seambus::Dispatch;
 use tiny_store::{Settings, Shop};
+use tiny_store_platform::Storage;
 
 fn file(name: &str) -> Settings {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -47,6 +48,16 @@ fn each_rung_of_the_ladder_is_a_configuration() {
     assert_eq!(shipping.routing, broker.routing);
     assert_eq!(shop.modules, ["orders", "inventory", "payments"]);
     assert_eq!(shipping.modules, ["shipments"]);
+    // Both keep their data on disk, with no server.
+    for s in [&shop, &shipping] {
+        assert!(matches!(s.storage(), Storage::Sqlite { .. }), "{s:?}");
+    }
+
+    // Durable with no broker: every flow on the SQL transport, on SQLite.
+    let durable = file("l1-durable.toml");
+    assert_eq!(durable.routing.transports(), ["sql"]);
+    assert!(durable.brokers.sql_url.starts_with("sqlite://"));
+    assert!(matches!(durable.storage(), Storage::Sqlite { .. }));
 
     let l2 = file("l2-postgres.toml");
     assert!(l2.database_url.is_some());

@@ -141,12 +141,19 @@ pub(crate) async fn subscribe(
     ))
 }
 
+/// What [`SqlSink::keep_alive`] does (the one row operation that does not
+/// settle the event).
+const KEEP_ALIVE: &str = "extend a lease";
+
 /// A claimed row: this process's until its lease is lost.
 #[derive(Debug)]
 pub(crate) struct Claimed {
     id: i64,
     keyed: bool,
     lost: AtomicBool,
+    /// Acknowledged, retried, dead-lettered or given back: a keep-alive
+    /// that finds no row then is not a lost lease.
+    settled: AtomicBool,
 }
 
 type Claim = Result<Vec<Fetched<Claimed>>>;
@@ -228,6 +235,7 @@ async fn claim(inner: &Inner, group: &str, ordered: bool) -> Claim {
                         id,
                         keyed: key.is_some(),
                         lost: AtomicBool::new(false),
+                        settled: AtomicBool::new(false),
                     },
                     envelope: envelope_of(&headers, payload),
                     attempt: attempt.clamp(1, i64::from(u32::MAX)) as u32,
@@ -316,6 +324,10 @@ impl SqlSink {
     /// Runs one statement on the token's row (bound as `$1`, `$2` the
     /// worker, then `more`); false when the row is no longer ours.
     async fn on_row(&self, what: &str, sql: &str, token: &Claimed, more: &[i64]) -> Result<bool> {
+        let keep_alive = what == KEEP_ALIVE;
+        if !keep_alive {
+            token.settled.store(true, SeqCst);
+        }
         let done = on_pool!(&self.inner.pool, p => {
             let mut query = sqlx::query(sql).bind(token.id).bind(&self.inner.worker);
             for value in more {
@@ -324,10 +336,11 @@ impl SqlSink {
             query.execute(p).await.map(|r| r.rows_affected())
         })
         .map_err(|e| db_error(what, e))?;
-        if done == 0 {
+        if done == 0 && !(keep_alive && token.settled.load(SeqCst)) {
             token.lost.store(true, SeqCst);
+            return Ok(false);
         }
-        Ok(done > 0)
+        Ok(true)
     }
 
     async fn give_back(&self, sql: &str, token: &Claimed) {
@@ -398,7 +411,7 @@ impl engine::Sink for SqlSink {
     async fn keep_alive(&self, token: &Claimed) {
         let sql = &self.inner.sql.keep_alive;
         match self
-            .on_row("extend a lease", sql, token, &[lease_ms(&self.inner)])
+            .on_row(KEEP_ALIVE, sql, token, &[lease_ms(&self.inner)])
             .await
         {
             Ok(true) => {}

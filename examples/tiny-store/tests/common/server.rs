@@ -91,7 +91,7 @@ impl Server {
                 .build()
                 .expect("cannot build the HTTP client"),
         };
-        if args.contains(&"reset") {
+        if args.contains(&"reset") || args.contains(&"check") {
             return server;
         }
         if !args.contains(&"serve") {
@@ -283,14 +283,20 @@ impl Server {
             .status()
             .expect("cannot run kill");
         assert!(sent.success(), "kill -TERM {pid}: {sent}");
-        let deadline = Instant::now() + STARTUP;
+        self.wait_exit(STARTUP)
+    }
+
+    /// Waits (at most `limit`) for the process to exit by itself; returns
+    /// how it exited and everything it printed.
+    pub fn wait_exit(&mut self, limit: Duration) -> (ExitStatus, Vec<String>) {
+        let deadline = Instant::now() + limit;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.stdout.recv_timeout(left) {
                 Ok(line) => self.seen.push(line),
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 Err(mpsc::RecvTimeoutError::Timeout) => panic!(
-                    "tiny-store did not stop within {STARTUP:?} of SIGTERM; stdout: {:#?}",
+                    "tiny-store did not exit within {limit:?}; stdout: {:#?}",
                     self.seen
                 ),
             }

@@ -109,6 +109,19 @@ impl Inventory {
         Ok(())
     }
 
+    /// Puts `available` free units of `sku` in stock if the SKU is new;
+    /// one already in stock keeps what it has (a restarted shop).
+    pub async fn stock_new(&self, sku: &str, available: u64) -> Result<(), BoxError> {
+        sqlx::query(
+            "INSERT INTO stock (sku, available) VALUES ($1, $2) ON CONFLICT (sku) DO NOTHING",
+        )
+        .bind(sku)
+        .bind(signed(available))
+        .execute(self.inner.db.pool())
+        .await?;
+        Ok(())
+    }
+
     /// Stock of every SKU.
     pub async fn levels(&self) -> Result<BTreeMap<String, Level>, BoxError> {
         let rows: Vec<(String, i64, i64)> =
