@@ -4,7 +4,7 @@
 //! One criterion group per broker (`broker/nats`, `broker/rabbitmq`,
 //! `broker/kafka`, and the SQL transport's `broker/sql_postgres` and
 //! `broker/sql_sqlite`, see `mod sql`), four members each (five for
-//! NATS), all counted in events
+//! NATS, six for SQL with the outbox), all counted in events
 //! (`Throughput::Elements`), so the report reads as events/s and
 //! `seambus_x / raw_x` is the adapter's cost:
 //!
@@ -1167,7 +1167,18 @@ mod sql {
     //! RETURNING …`, SQLite without `SKIP LOCKED`), decodes each and
     //! deletes it by id; when it finds nothing it waits 1 ms (the raw side
     //! polls; the transport wakes on `NOTIFY` or its own publishes).
-    use seambus_sql::{SqlConfig, SqlTransport};
+    //!
+    //! `seambus_outbox` / `raw_outbox`: the transactional outbox and its
+    //! relay. Each of N events is written in a transaction of its own on
+    //! the application's pool (`BEGIN`, insert into the outbox table,
+    //! `COMMIT`) while the relay runs: it reads the oldest rows (batches of
+    //! 32), forwards each to an in-process subscriber and deletes its row;
+    //! the round ends when all N are handled. The raw side does the same
+    //! SQL, forwards each payload over a tokio channel to a task that
+    //! decodes it, and polls every 1 ms when the table is empty (the relay
+    //! wakes on `NOTIFY`, or on its outbox's own writes on SQLite, and
+    //! renews its lease once per batch).
+    use seambus_sql::{Outbox, Relay, SqlConfig, SqlTransport};
     use sqlx::Row;
 
     use super::*;
@@ -1246,6 +1257,13 @@ mod sql {
                     Raw::setup(db, url.clone(), format!("{schema}_r"), consume)
                 });
             }
+            let schema = format!("bench_{run}_outbox");
+            bench(&mut group, rt, db.label(), "seambus_outbox", || {
+                SeambusOutbox::setup(db, url.clone(), format!("{schema}_s"))
+            });
+            bench(&mut group, rt, db.label(), "raw_outbox", || {
+                RawOutbox::setup(db, url.clone(), format!("{schema}_r"))
+            });
             group.finish();
         }
     }
@@ -1331,6 +1349,29 @@ mod sql {
         Sqlite(sqlx::SqlitePool),
     }
 
+    impl Pool {
+        /// The application's pool: WAL and a busy timeout on SQLite, as the
+        /// transport sets them.
+        async fn open(db: Db, url: &str) -> Res<Self> {
+            Ok(match db {
+                Db::Postgres => Pool::Postgres(sqlx::PgPool::connect(url).await?),
+                Db::Sqlite => {
+                    let options: sqlx::sqlite::SqliteConnectOptions = url.parse()?;
+                    Pool::Sqlite(
+                        sqlx::SqlitePool::connect_with(
+                            options
+                                .create_if_missing(true)
+                                .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+                                .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
+                                .busy_timeout(Duration::from_secs(10)),
+                        )
+                        .await?,
+                    )
+                }
+            })
+        }
+    }
+
     macro_rules! on {
         ($pool:expr, $p:ident => $body:expr) => {
             match $pool {
@@ -1376,36 +1417,25 @@ mod sql {
                         ),
                     )
                 }
-                Db::Sqlite => {
-                    let options: sqlx::sqlite::SqliteConnectOptions = url.parse()?;
-                    let pool = sqlx::SqlitePool::connect_with(
-                        options
-                            .create_if_missing(true)
-                            .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
-                            .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
-                            .busy_timeout(Duration::from_secs(10)),
-                    )
-                    .await?;
-                    (
-                        Pool::Sqlite(pool),
-                        vec![
-                            format!(
-                                "CREATE TABLE {queue} (id INTEGER PRIMARY KEY AUTOINCREMENT, \
+                Db::Sqlite => (
+                    Pool::open(db, &url).await?,
+                    vec![
+                        format!(
+                            "CREATE TABLE {queue} (id INTEGER PRIMARY KEY AUTOINCREMENT, \
                                  grp TEXT NOT NULL, pkey TEXT, headers TEXT NOT NULL, \
                                  payload BLOB NOT NULL, attempt BIGINT NOT NULL, \
                                  delivered BIGINT NOT NULL, available_at BIGINT NOT NULL, \
                                  locked_until BIGINT NOT NULL, locked_by TEXT)"
-                            ),
-                            format!("CREATE INDEX \"{schema}_by_group\" ON {queue} (grp, id)"),
-                        ],
-                        vec![format!("DROP TABLE {queue}")],
-                        format!(
-                            "UPDATE {queue} SET locked_until = 1, locked_by = 'raw' WHERE id IN \
+                        ),
+                        format!("CREATE INDEX \"{schema}_by_group\" ON {queue} (grp, id)"),
+                    ],
+                    vec![format!("DROP TABLE {queue}")],
+                    format!(
+                        "UPDATE {queue} SET locked_until = 1, locked_by = 'raw' WHERE id IN \
                              (SELECT id FROM {queue} WHERE grp = 'sub' AND locked_until = 0 \
                              ORDER BY id LIMIT 32) RETURNING id, payload"
-                        ),
-                    )
-                }
+                    ),
+                ),
             };
             for statement in &create {
                 on!(&pool, p => sqlx::query(statement).execute(p).await.map(|_| ()))?;
@@ -1508,6 +1538,226 @@ mod sql {
             if let Some((_, task)) = self.consumer {
                 task.stop().await;
             }
+            for statement in &self.drop {
+                on!(&*self.pool, p => sqlx::query(statement).execute(p).await.map(|_| ()))?;
+            }
+            Ok(())
+        }
+    }
+
+    /// The outbox with its relay forwarding to an in-process subscriber.
+    struct SeambusOutbox {
+        pool: Pool,
+        config: SqlConfig,
+        outbox: Outbox,
+        _subscription: Subscription,
+        relay: Relay,
+        bus: Bus,
+        module: Module,
+        blob: Blob,
+        counter: Arc<Counter>,
+    }
+
+    impl SeambusOutbox {
+        async fn setup(db: Db, url: String, schema: String) -> Res<Self> {
+            let config = SqlConfig::new(url.clone()).with_schema(schema);
+            let outbox = Outbox::connect(config.clone()).await?;
+            let bus = Bus::new();
+            let counter = Arc::new(Counter::default());
+            let subscription = subscribe(&bus, &counter).await?;
+            let relay = outbox.relay(bus.clone());
+            let this = Self {
+                pool: Pool::open(db, &url).await?,
+                config,
+                outbox,
+                _subscription: subscription,
+                relay,
+                module: bus.module("bench"),
+                bus,
+                blob: Blob::new(),
+                counter,
+            };
+            this.counter.reset(1);
+            this.publish_n(1).await?;
+            this.counter.wait().await?;
+            Ok(this)
+        }
+
+        /// N events, each written in a transaction of its own.
+        async fn publish_n(&self, n: u64) -> Res<()> {
+            for _ in 0..n {
+                on!(&self.pool, p => {
+                    let mut tx = p.begin().await?;
+                    self.outbox.publish(&mut *tx, &self.module, self.blob.clone()).await?;
+                    tx.commit().await?;
+                });
+            }
+            Ok(())
+        }
+    }
+
+    impl Case for SeambusOutbox {
+        async fn rounds(&self, iters: u64) -> Res<Duration> {
+            outbox_rounds(iters, &self.counter, |n| self.publish_n(n)).await
+        }
+
+        async fn teardown(self) -> Res<()> {
+            self.relay.stop().await;
+            self.bus.shutdown(Duration::from_secs(5)).await?;
+            SqlTransport::connect(self.config)
+                .await?
+                .drop_tables()
+                .await?;
+            Ok(())
+        }
+    }
+
+    /// Rounds of `EVENTS` writes, each ending when `counter` saw them all.
+    async fn outbox_rounds<Q: Future<Output = Res<()>>>(
+        iters: u64,
+        counter: &Counter,
+        publish: impl Fn(u64) -> Q,
+    ) -> Res<Duration> {
+        timed_rounds(iters, EVENTS, Some(counter), || async { Ok(()) }, publish).await
+    }
+
+    /// The same SQL by hand: an outbox table, a task that reads, forwards
+    /// over a channel and deletes, and a task that decodes and counts.
+    struct RawOutbox {
+        pool: Arc<Pool>,
+        insert: String,
+        drop: Vec<String>,
+        blob: Blob,
+        counter: Arc<Counter>,
+        relay: Background,
+        consumer: JoinHandle<()>,
+    }
+
+    impl RawOutbox {
+        async fn setup(db: Db, url: String, schema: String) -> Res<Self> {
+            let outbox = db.table(&schema, "outbox");
+            let pool = Pool::open(db, &url).await?;
+            let (create, drop) = match db {
+                Db::Postgres => (
+                    vec![
+                        format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""),
+                        format!(
+                            "CREATE TABLE {outbox} (id BIGSERIAL PRIMARY KEY, event_type TEXT NOT NULL, \
+                             pkey TEXT, headers TEXT NOT NULL, payload BYTEA NOT NULL, \
+                             created_at BIGINT NOT NULL)"
+                        ),
+                    ],
+                    vec![format!("DROP SCHEMA \"{schema}\" CASCADE")],
+                ),
+                Db::Sqlite => (
+                    vec![format!(
+                        "CREATE TABLE {outbox} (id INTEGER PRIMARY KEY AUTOINCREMENT, \
+                         event_type TEXT NOT NULL, pkey TEXT, headers TEXT NOT NULL, \
+                         payload BLOB NOT NULL, created_at BIGINT NOT NULL)"
+                    )],
+                    vec![format!("DROP TABLE {outbox}")],
+                ),
+            };
+            for statement in &create {
+                on!(&pool, p => sqlx::query(statement).execute(p).await.map(|_| ()))?;
+            }
+            let pool = Arc::new(pool);
+            let counter = Arc::new(Counter::default());
+            let (forward, mut forwarded) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+            let c = counter.clone();
+            let consumer = tokio::spawn(async move {
+                while let Some(payload) = forwarded.recv().await {
+                    match Blob::decode(&payload) {
+                        Ok(blob) => {
+                            std::hint::black_box(blob.note.len());
+                        }
+                        Err(e) => eprintln!("raw outbox: undecodable row: {e}"),
+                    }
+                    c.hit();
+                }
+            });
+            let (take, delete) = (
+                format!("SELECT id, headers, payload FROM {outbox} ORDER BY id LIMIT 32"),
+                format!("DELETE FROM {outbox} WHERE id = $1"),
+            );
+            let p = pool.clone();
+            let relay = Background::spawn(move |mut stop| async move {
+                loop {
+                    let taken: Result<Vec<(i64, String, Vec<u8>)>, sqlx::Error> =
+                        on!(&*p, p => sqlx::query_as(&take).fetch_all(p).await);
+                    let rows = taken.unwrap_or_else(|e| {
+                        eprintln!("{}: raw relay read failed: {e}", db.label());
+                        Vec::new()
+                    });
+                    if rows.is_empty() {
+                        tokio::select! {
+                            _ = &mut stop => break,
+                            _ = tokio::time::sleep(Duration::from_millis(1)) => continue,
+                        }
+                    }
+                    for (id, headers, payload) in rows {
+                        std::hint::black_box(headers.len());
+                        let _ = forward.send(payload);
+                        let deleted = on!(&*p, p => {
+                            sqlx::query(&delete).bind(id).execute(p).await.map(|_| ())
+                        });
+                        if let Err(e) = deleted {
+                            eprintln!("{}: raw relay delete failed: {e}", db.label());
+                        }
+                    }
+                }
+            });
+            let this = Self {
+                pool,
+                insert: format!(
+                    "INSERT INTO {outbox} (event_type, pkey, headers, payload, created_at) \
+                     VALUES ($1, $2, $3, $4, $5)"
+                ),
+                drop,
+                blob: Blob::new(),
+                counter,
+                relay,
+                consumer,
+            };
+            this.counter.reset(1);
+            this.publish_n(1).await?;
+            this.counter.wait().await?;
+            Ok(this)
+        }
+
+        /// N events, each written in a transaction of its own, with the
+        /// headers column the outbox writes.
+        async fn publish_n(&self, n: u64) -> Res<()> {
+            for _ in 0..n {
+                let attrs = seambus::Attributes::new("bench", "bench.blob", 1);
+                let headers = serde_json::to_string(&attrs.to_wire_headers("ce_"))?;
+                let payload = self.blob.encode();
+                let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as i64;
+                on!(&*self.pool, p => {
+                    let mut tx = p.begin().await?;
+                    sqlx::query(&self.insert)
+                        .bind("bench.blob")
+                        .bind(None::<String>)
+                        .bind(headers)
+                        .bind(payload)
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?;
+                    tx.commit().await?;
+                });
+            }
+            Ok(())
+        }
+    }
+
+    impl Case for RawOutbox {
+        async fn rounds(&self, iters: u64) -> Res<Duration> {
+            outbox_rounds(iters, &self.counter, |n| self.publish_n(n)).await
+        }
+
+        async fn teardown(self) -> Res<()> {
+            self.relay.stop().await;
+            self.consumer.abort();
             for statement in &self.drop {
                 on!(&*self.pool, p => sqlx::query(statement).execute(p).await.map(|_| ()))?;
             }
