@@ -11,8 +11,8 @@
 //!
 //! Errors are JSON, `{"error": "..."}`, with 400 (not JSON), 415 (no JSON
 //! content type), 422 (JSON of the wrong shape, or an order that cannot
-//! be), 404 (no such order, or the module runs elsewhere) or 503 (the order
-//! could not be stored, or was stored but its event not published: see
+//! be), 404 (no such order, or the module runs elsewhere) or 503 (the
+//! database failed: neither the order nor its event was stored, see
 //! [`Orders::place`]; a retry places a new order).
 //!
 //! Orders move on by events: a new order answers `placed`, and reaches
