@@ -122,13 +122,15 @@ impl KafkaTransport {
     /// For tests and tear-down.
     pub async fn delete_topics(&self, topics: &[&str]) -> Result<()> {
         use rdkafka::types::RDKafkaErrorCode as Code;
-        let results = self
-            .inner
-            .topics
-            .admin()
-            .delete_topics(topics, &rdkafka::admin::AdminOptions::new())
-            .await
-            .map_err(|e| kafka_error("delete topics", e))?;
+        let results = admin_retry(|| async {
+            self.inner
+                .topics
+                .admin()
+                .delete_topics(topics, &rdkafka::admin::AdminOptions::new())
+                .await
+                .map_err(|e| kafka_error("delete topics", e))
+        })
+        .await?;
         for result in results {
             match result {
                 Ok(topic) | Err((topic, Code::UnknownTopicOrPartition)) => {
@@ -155,10 +157,13 @@ impl KafkaTransport {
         let admin = self.inner.topics.admin();
         let options = rdkafka::admin::AdminOptions::new();
         let group_id = self.inner.config.group_id(group);
-        let results = admin
-            .delete_groups(&[group_id.as_str()], &options)
-            .await
-            .map_err(|e| kafka_error(&format!("delete consumer group {group_id}"), e))?;
+        let results = admin_retry(|| async {
+            admin
+                .delete_groups(&[group_id.as_str()], &options)
+                .await
+                .map_err(|e| kafka_error(&format!("delete consumer group {group_id}"), e))
+        })
+        .await?;
         for result in results {
             match result {
                 Ok(_) | Err((_, Code::GroupIdNotFound)) => {}
@@ -454,4 +459,26 @@ impl Transport for KafkaTransport {
         }
         Ok(report)
     }
+}
+
+/// Runs an admin request again, backing off (at most 4 more tries, about
+/// 3 s in all), while it fails with an error a retry can change: a request
+/// that timed out, as one does while a restarted broker finds its group
+/// coordinator.
+async fn admin_retry<T, F, Fut>(request: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    use backon::{ExponentialBuilder, Retryable};
+    let backoff = ExponentialBuilder::default()
+        .with_min_delay(std::time::Duration::from_millis(200))
+        .with_max_times(4);
+    request
+        .retry(backoff)
+        .when(seambus::Error::is_retryable)
+        .notify(
+            |e, after| tracing::debug!(error = %e, ?after, "admin request failed; trying again"),
+        )
+        .await
 }
