@@ -5,6 +5,7 @@ extern crate self as seambus;
 
 mod bus;
 pub mod codec;
+pub mod config;
 mod delivery;
 mod envelope;
 mod error;

@@ -9,13 +9,13 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
+use seambus::config::{BusConfig, Kinds};
 use seambus::routing::Routing;
 use seambus::transport::support::redact_url;
 use seambus::transport::Transport;
-use seambus::{Bus, InProcessTransport, Stats, IN_PROCESS};
+use seambus::{Bus, Stats, IN_PROCESS};
 use tiny_store_inventory::Inventory;
 use tiny_store_orders::Orders;
 use tiny_store_payments::Payments;
@@ -28,20 +28,40 @@ pub mod simulate;
 /// The modules of the shop, in the order the flow meets them.
 pub const MODULES: [&str; 4] = ["orders", "inventory", "payments", "shipments"];
 
-/// The transports this program can create, by the name routes use.
-pub const TRANSPORTS: [&str; 5] = [IN_PROCESS, "nats", "rabbitmq", "kafka", "sql"];
+/// The transport kinds this program has compiled in: routes and
+/// `[transports.<name>]` tables may name any of them.
+pub fn kinds() -> Kinds {
+    Kinds::new()
+        .with::<seambus_nats::NatsTransport>()
+        .with::<seambus_rabbitmq::RabbitMqTransport>()
+        .with::<seambus_kafka::KafkaTransport>()
+        .with::<seambus_sql::SqlTransport>()
+}
+
+/// The shop's own defaults under the user's configuration: events a
+/// stopped process held come back after 5 s (not 30 s), and the SQL
+/// transport's queue is an SQLite file next to the program.
+const DEFAULTS: &str = r#"
+[transports.nats]
+ack_wait = "5s"
+
+[transports.sql]
+url = "sqlite://tiny-store-events.db"
+lease = "5s"
+"#;
 
 /// How to run the shop: which modules, where events flow, where data lives.
+/// `Debug` hides passwords.
 #[derive(Clone)]
 pub struct Settings {
     /// The modules this process runs (default: all four).
     pub modules: Vec<String>,
-    /// Which transport carries which events.
-    pub routing: Routing,
-    /// Broker addresses.
-    pub brokers: Brokers,
-    /// Prefix of every broker name (streams, exchanges, topics) and of the
-    /// PostgreSQL schemas; two shops with different namespaces never meet.
+    /// Routes and transports (`[routes]`, `[transports.*]`), read by the
+    /// library: which transport carries which events.
+    pub bus: BusConfig,
+    /// Prefix of every broker name (streams, exchanges, topics, the SQL
+    /// transport's schema) and of the PostgreSQL schemas; two shops with
+    /// different namespaces never meet.
     pub namespace: String,
     /// PostgreSQL URL: each module's data in its own schema. Wins over
     /// `data_dir`.
@@ -52,48 +72,11 @@ pub struct Settings {
     pub data_dir: Option<std::path::PathBuf>,
 }
 
-/// Broker addresses (may hold passwords: `Debug` redacts them).
-#[derive(Clone)]
-pub struct Brokers {
-    /// NATS server URL.
-    pub nats_url: String,
-    /// AMQP URI of RabbitMQ.
-    pub rabbitmq_url: String,
-    /// Kafka bootstrap servers.
-    pub kafka_brokers: String,
-    /// Database of the SQL transport: `sqlite://file` (no server) or
-    /// `postgres://…`.
-    pub sql_url: String,
-}
-
-impl Default for Brokers {
-    fn default() -> Self {
-        Self {
-            nats_url: "nats://127.0.0.1:4222".into(),
-            rabbitmq_url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
-            kafka_brokers: "127.0.0.1:9092".into(),
-            sql_url: "sqlite://tiny-store-events.db".into(),
-        }
-    }
-}
-
-impl fmt::Debug for Brokers {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Brokers")
-            .field("nats_url", &redact_url(&self.nats_url))
-            .field("rabbitmq_url", &redact_url(&self.rabbitmq_url))
-            .field("kafka_brokers", &self.kafka_brokers)
-            .field("sql_url", &redact_url(&self.sql_url))
-            .finish()
-    }
-}
-
 impl fmt::Debug for Settings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Settings")
             .field("modules", &self.modules)
-            .field("routing", &self.routing.to_string())
-            .field("brokers", &self.brokers)
+            .field("bus", &self.bus)
             .field("namespace", &self.namespace)
             .field(
                 "database_url",
@@ -108,8 +91,7 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             modules: MODULES.iter().map(|m| (*m).to_owned()).collect(),
-            routing: Routing::default(),
-            brokers: Brokers::default(),
+            bus: BusConfig::from_toml_str(DEFAULTS).expect("the defaults parse"),
             namespace: "tiny_store".into(),
             database_url: None,
             data_dir: None,
@@ -118,10 +100,11 @@ impl Default for Settings {
 }
 
 impl Settings {
-    /// Reads a `tiny-store.toml` (its `[routes]` table, `[transports.*]`
-    /// addresses, `[store]` and `[process]`), then applies the environment:
-    /// `SEAMBUS_ROUTES`, `SEAMBUS_NATS_URL`, `SEAMBUS_RABBITMQ_URL`,
-    /// `SEAMBUS_KAFKA_BROKERS`, `SEAMBUS_SQL_URL`, `TINY_STORE_NAMESPACE`,
+    /// Reads a `tiny-store.toml` (`[routes]` and `[transports.*]` for the
+    /// bus, `[store]` and `[process]` for the shop), then applies the
+    /// environment: `SEAMBUS_ROUTES` and each transport's own
+    /// (`SEAMBUS_NATS_URL`, `SEAMBUS_RABBITMQ_URL`, `SEAMBUS_KAFKA_BROKERS`,
+    /// `SEAMBUS_SQL_URL`, read when the bus is built), `TINY_STORE_NAMESPACE`,
     /// `TINY_STORE_DATABASE_URL`, `TINY_STORE_DATA_DIR`.
     pub fn load(config: Option<&Path>) -> Result<Self, BoxError> {
         let mut s = Self::default();
@@ -132,21 +115,9 @@ impl Settings {
                 .map_err(|e| format!("{}: {e}", path.display()))?;
         }
         if let Some(routing) = Routing::from_env()? {
-            s.routing = routing;
+            s.bus.set_routing(routing);
         }
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-        if let Some(v) = env("SEAMBUS_NATS_URL") {
-            s.brokers.nats_url = v;
-        }
-        if let Some(v) = env("SEAMBUS_RABBITMQ_URL") {
-            s.brokers.rabbitmq_url = v;
-        }
-        if let Some(v) = env("SEAMBUS_KAFKA_BROKERS") {
-            s.brokers.kafka_brokers = v;
-        }
-        if let Some(v) = env("SEAMBUS_SQL_URL") {
-            s.brokers.sql_url = v;
-        }
         if let Some(v) = env("TINY_STORE_NAMESPACE") {
             s.namespace = v;
         }
@@ -161,38 +132,23 @@ impl Settings {
 
     /// Applies the settings of a TOML document.
     pub fn apply_toml(&mut self, text: &str) -> Result<(), BoxError> {
-        self.routing = Routing::from_toml_str(text)?;
+        let bus = BusConfig::from_toml_str(text)?;
+        self.bus = std::mem::take(&mut self.bus).merge(bus);
         let doc: toml::Table = text.parse()?;
-        let get = |table: &str, sub: Option<&str>, key: &str| -> Result<Option<String>, BoxError> {
-            let mut v = doc.get(table);
-            if let Some(sub) = sub {
-                v = v.and_then(|t| t.get(sub));
-            }
-            match v.and_then(|t| t.get(key)) {
+        let get = |key: &str| -> Result<Option<String>, BoxError> {
+            match doc.get("store").and_then(|t| t.get(key)) {
                 None => Ok(None),
                 Some(toml::Value::String(s)) => Ok(Some(s.clone())),
-                Some(_) => Err(format!("`{key}` must be a string").into()),
+                Some(_) => Err(format!("`store.{key}` must be a string").into()),
             }
         };
-        if let Some(v) = get("transports", Some("nats"), "url")? {
-            self.brokers.nats_url = v;
-        }
-        if let Some(v) = get("transports", Some("rabbitmq"), "url")? {
-            self.brokers.rabbitmq_url = v;
-        }
-        if let Some(v) = get("transports", Some("kafka"), "brokers")? {
-            self.brokers.kafka_brokers = v;
-        }
-        if let Some(v) = get("transports", Some("sql"), "url")? {
-            self.brokers.sql_url = v;
-        }
-        if let Some(v) = get("store", None, "namespace")? {
+        if let Some(v) = get("namespace")? {
             self.namespace = v;
         }
-        if let Some(v) = get("store", None, "database_url")? {
+        if let Some(v) = get("database_url")? {
             self.database_url = Some(v);
         }
-        if let Some(v) = get("store", None, "data_dir")? {
+        if let Some(v) = get("data_dir")? {
             self.data_dir = Some(v.into());
         }
         match doc.get("process").and_then(|p| p.get("modules")) {
@@ -232,6 +188,18 @@ impl Settings {
         self.modules.iter().any(|m| m == module)
     }
 
+    /// The routes.
+    pub fn routing(&self) -> &Routing {
+        self.bus.routing()
+    }
+
+    /// The bus configuration with the shop's namespace.
+    pub fn bus_config(&self) -> BusConfig {
+        let mut bus = self.bus.clone();
+        bus.set_namespace(&self.namespace);
+        bus
+    }
+
     /// Where the modules keep their data.
     pub fn storage(&self) -> Storage {
         match (&self.database_url, &self.data_dir) {
@@ -243,99 +211,30 @@ impl Settings {
             (None, None) => Storage::Temporary,
         }
     }
-
-    fn nats_config(&self) -> seambus_nats::NatsConfig {
-        seambus_nats::NatsConfig::default()
-            .with_servers([self.brokers.nats_url.clone()])
-            .with_stream_name(self.namespace.to_uppercase())
-            .with_subject_prefix(self.namespace.clone())
-            // Events a stopped process held come back after this.
-            .with_ack_wait(Duration::from_secs(5))
-    }
-
-    fn rabbitmq_config(&self) -> seambus_rabbitmq::RabbitMqConfig {
-        seambus_rabbitmq::RabbitMqConfig::default()
-            .with_uri(self.brokers.rabbitmq_url.clone())
-            .with_exchange(self.namespace.clone())
-    }
-
-    fn kafka_config(&self) -> seambus_kafka::KafkaConfig {
-        seambus_kafka::KafkaConfig::default()
-            .with_bootstrap_servers(self.brokers.kafka_brokers.clone())
-            .with_topic_prefix(self.namespace.clone())
-            .with_group_prefix(self.namespace.clone())
-    }
-
-    fn sql_config(&self) -> seambus_sql::SqlConfig {
-        let schema: String = self
-            .namespace
-            .chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-            .collect();
-        seambus_sql::SqlConfig::new(self.brokers.sql_url.clone())
-            .with_schema(schema)
-            // Events a killed process held come back after this.
-            .with_lease(Duration::from_secs(5))
-    }
-
-    /// Connects the transport routes call `name`.
-    pub async fn transport(&self, name: &str) -> Result<Connected, BoxError> {
-        Ok(match name {
-            IN_PROCESS => Connected::new(InProcessTransport::default(), None),
-            "nats" => {
-                let t = Arc::new(seambus_nats::NatsTransport::connect(self.nats_config()).await?);
-                Connected::new_arc(t.clone(), Some(Broker::Nats(t)))
-            }
-            "rabbitmq" => {
-                let t = Arc::new(
-                    seambus_rabbitmq::RabbitMqTransport::connect(self.rabbitmq_config()).await?,
-                );
-                Connected::new_arc(t.clone(), Some(Broker::RabbitMq(t)))
-            }
-            "kafka" => {
-                let t =
-                    Arc::new(seambus_kafka::KafkaTransport::connect(self.kafka_config()).await?);
-                Connected::new_arc(t.clone(), Some(Broker::Kafka(t, self.namespace.clone())))
-            }
-            "sql" => {
-                let t = Arc::new(seambus_sql::SqlTransport::connect(self.sql_config()).await?);
-                Connected::new_arc(t.clone(), Some(Broker::Sql(t)))
-            }
-            other => {
-                return Err(format!(
-                    "unknown transport `{other}` in the routes; tiny-store knows {}",
-                    TRANSPORTS.join(", ")
-                )
-                .into())
-            }
-        })
-    }
 }
 
-/// A connected transport, and its broker handle for tear-down.
-pub struct Connected {
-    transport: Arc<dyn Transport>,
-    broker: Option<Broker>,
-}
-
-impl Connected {
-    fn new(t: impl Transport, broker: Option<Broker>) -> Self {
-        Self::new_arc(Arc::new(t), broker)
-    }
-
-    fn new_arc(transport: Arc<dyn Transport>, broker: Option<Broker>) -> Self {
-        Self { transport, broker }
-    }
-}
-
+/// A transport's own handle, for deleting its state.
 enum Broker {
-    Nats(Arc<seambus_nats::NatsTransport>),
-    RabbitMq(Arc<seambus_rabbitmq::RabbitMqTransport>),
-    Kafka(Arc<seambus_kafka::KafkaTransport>, String),
-    Sql(Arc<seambus_sql::SqlTransport>),
+    Nats(seambus_nats::NatsTransport),
+    RabbitMq(seambus_rabbitmq::RabbitMqTransport),
+    Kafka(seambus_kafka::KafkaTransport, String),
+    Sql(seambus_sql::SqlTransport),
 }
 
 impl Broker {
+    /// Transport `name` of the routes as its own type (`None` for the
+    /// in-process one, which keeps nothing).
+    async fn connect(settings: &Settings, name: &str) -> Result<Option<Self>, BoxError> {
+        let bus = settings.bus_config();
+        Ok(Some(match bus.kind_of(name)? {
+            "nats" => Self::Nats(bus.connect_as(name).await?),
+            "rabbitmq" => Self::RabbitMq(bus.connect_as(name).await?),
+            "kafka" => Self::Kafka(bus.connect_as(name).await?, settings.namespace.clone()),
+            "sql" => Self::Sql(bus.connect_as(name).await?),
+            _ => return Ok(None),
+        }))
+    }
+
     /// Deletes the groups of every flow (consumer, position, held and
     /// dead-lettered events), then the namespace's streams, exchanges and
     /// event topics. Joins no group and consumes nothing.
@@ -345,31 +244,18 @@ impl Broker {
                 .iter()
                 .map(move |module| seambus::transport::GroupId::new(*module, *event))
         });
-        // The shop's own SQL transport is shut down by now: a fresh one.
-        let sql = match self {
-            Self::Sql(t) => Some(seambus_sql::SqlTransport::connect(t.config().clone()).await?),
-            _ => None,
-        };
         for group in groups {
             match self {
                 Self::Nats(t) => t.delete_group(&group).await?,
                 Self::RabbitMq(t) => t.delete_group(&group).await?,
                 Self::Kafka(t, _) => t.delete_group(&group).await?,
-                Self::Sql(_) => {
-                    if let Some(t) = &sql {
-                        t.delete_group(&group).await?;
-                    }
-                }
+                Self::Sql(t) => t.delete_group(&group).await?,
             }
         }
         match self {
             Self::Nats(t) => t.delete_streams().await?,
             Self::RabbitMq(t) => t.delete_topology().await?,
-            Self::Sql(_) => {
-                if let Some(t) = &sql {
-                    t.drop_tables().await?;
-                }
-            }
+            Self::Sql(t) => t.drop_tables().await?,
             Self::Kafka(t, namespace) => {
                 let topics: Vec<String> = FLOWS
                     .iter()
@@ -381,6 +267,17 @@ impl Broker {
         }
         Ok(())
     }
+
+    async fn shutdown(&self) -> Result<(), BoxError> {
+        let deadline = Duration::from_secs(5);
+        match self {
+            Self::Nats(t) => t.shutdown(deadline).await?,
+            Self::RabbitMq(t) => t.shutdown(deadline).await?,
+            Self::Kafka(t, _) => t.shutdown(deadline).await?,
+            Self::Sql(t) => t.shutdown(deadline).await?,
+        };
+        Ok(())
+    }
 }
 
 /// Deletes the namespace's state on every broker the routes name (each
@@ -388,12 +285,11 @@ impl Broker {
 /// exchanges and event topics), without starting a module: nothing is
 /// consumed, no group is joined. `tiny-store reset`.
 pub async fn reset(settings: &Settings) -> Result<(), BoxError> {
-    for name in settings.routing.transports() {
-        let connected = settings.transport(name).await?;
-        if let Some(broker) = &connected.broker {
+    for name in settings.routing().transports() {
+        if let Some(broker) = Broker::connect(settings, name).await? {
             broker.delete_state().await?;
+            broker.shutdown().await?;
         }
-        connected.transport.shutdown(Duration::from_secs(5)).await?;
     }
     Ok(())
 }
@@ -448,23 +344,19 @@ pub struct Shop {
     pub shipments: Option<Shipments>,
     started: Vec<Started>,
     relays: std::sync::Mutex<Vec<seambus_sql::Relay>>,
-    brokers: Vec<Broker>,
+    settings: Settings,
 }
 
 impl Shop {
     /// Connects the transports the routes name, opens each module's
     /// storage, and starts the modules' subscriptions.
     pub async fn start(settings: &Settings) -> Result<Self, BoxError> {
-        let mut builder = Bus::builder()
+        let bus = settings
+            .bus_config()
+            .builder(&kinds())
+            .await?
             .upcast::<tiny_store_orders_contract::OrderPlacedV1, tiny_store_orders_contract::OrderPlaced>()
-            .routing(&settings.routing);
-        let mut brokers = Vec::new();
-        for name in settings.routing.transports() {
-            let connected = settings.transport(name).await?;
-            builder = builder.transport_arc(name, connected.transport);
-            brokers.extend(connected.broker);
-        }
-        let bus = builder.build()?;
+            .build()?;
         check_crossings(&bus, settings)?;
         let storage = settings.storage();
         let mut shop = Self {
@@ -474,7 +366,7 @@ impl Shop {
             shipments: None,
             started: Vec::new(),
             relays: std::sync::Mutex::default(),
-            brokers,
+            settings: settings.clone(),
             bus,
         };
         // Consumers first, so nothing published below finds no subscriber.
@@ -505,7 +397,7 @@ impl Shop {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .extend(relays);
-        tracing::info!(modules = ?settings.modules, routes = %settings.routing, "shop started");
+        tracing::info!(modules = ?settings.modules, routes = %settings.routing(), "shop started");
         Ok(shop)
     }
 
@@ -548,10 +440,7 @@ impl Shop {
     /// Deletes the namespace's state on this shop's brokers, as
     /// [`reset`] does: for demos and tests, after [`Shop::shutdown`].
     pub async fn delete_broker_state(&self) -> Result<(), BoxError> {
-        for b in &self.brokers {
-            b.delete_state().await?;
-        }
-        Ok(())
+        reset(&self.settings).await
     }
 }
 

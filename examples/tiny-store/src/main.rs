@@ -158,10 +158,10 @@ async fn run(cli: Cli) -> Result<ExitCode, BoxError> {
         return Ok(ExitCode::SUCCESS);
     }
     let shop = Arc::new(Shop::start(&settings).await?);
-    let routes = if settings.routing.is_empty() {
+    let routes = if settings.routing().is_empty() {
         "everything in-process".to_owned()
     } else {
-        settings.routing.to_string()
+        settings.routing().to_string()
     };
     println!(
         "tiny-store: modules {} | routes: {routes}",

@@ -22,30 +22,30 @@ fn file(name: &str) -> Settings {
 #[test]
 fn each_rung_of_the_ladder_is_a_configuration() {
     let l0 = file("l0-inline.toml");
-    let default = l0.routing.default_rule().unwrap();
+    let default = l0.routing().default_rule().unwrap();
     assert_eq!(default.dispatch, Some(Dispatch::Inline));
-    assert_eq!(l0.routing.transports(), ["in-process"]);
+    assert_eq!(l0.routing().transports(), ["in-process"]);
 
     let l1 = file("l1-queued.toml");
     assert_eq!(
-        l1.routing.default_rule().unwrap().dispatch,
+        l1.routing().default_rule().unwrap().dispatch,
         Some(Dispatch::Queued)
     );
 
     let broker = file("l1-broker.toml");
-    assert_eq!(broker.routing.transports(), ["in-process", "nats"]);
+    assert_eq!(broker.routing().transports(), ["in-process", "nats"]);
     for event in ["orders.order_confirmed", "shipments.order_shipped"] {
-        let rule = broker.routing.rule_for(event).unwrap();
+        let rule = broker.routing().rule_for(event).unwrap();
         assert_eq!(rule.transport.as_deref(), Some("nats"), "{event}");
     }
-    assert!(broker.routing.rule_for("orders.order_placed").is_none());
+    assert!(broker.routing().rule_for("orders.order_placed").is_none());
     assert_eq!(broker.modules, tiny_store::MODULES);
 
     // Extraction: the same routes in both processes, the modules split.
     let shop = file("l3-shop.toml");
     let shipping = file("l3-shipments.toml");
-    assert_eq!(shop.routing, broker.routing);
-    assert_eq!(shipping.routing, broker.routing);
+    assert_eq!(shop.routing(), broker.routing());
+    assert_eq!(shipping.routing(), broker.routing());
     assert_eq!(shop.modules, ["orders", "inventory", "payments"]);
     assert_eq!(shipping.modules, ["shipments"]);
     // Both keep their data on disk, with no server.
@@ -55,13 +55,22 @@ fn each_rung_of_the_ladder_is_a_configuration() {
 
     // Durable with no broker: every flow on the SQL transport, on SQLite.
     let durable = file("l1-durable.toml");
-    assert_eq!(durable.routing.transports(), ["sql"]);
-    assert!(durable.brokers.sql_url.starts_with("sqlite://"));
+    assert_eq!(durable.routing().transports(), ["sql"]);
+    let durable_doc: toml::Table = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/l1-durable.toml"),
+    )
+    .unwrap()
+    .parse()
+    .unwrap();
+    assert!(durable_doc["transports"]["sql"]["url"]
+        .as_str()
+        .unwrap()
+        .starts_with("sqlite://"));
     assert!(matches!(durable.storage(), Storage::Sqlite { .. }));
 
     let l2 = file("l2-postgres.toml");
     assert!(l2.database_url.is_some());
-    assert_eq!(l2.routing, l1.routing);
+    assert_eq!(l2.routing(), l1.routing());
 }
 
 #[tokio::test]
@@ -70,11 +79,27 @@ async fn bad_configuration_is_a_startup_error_that_names_the_culprit() {
     s.apply_toml("[routes]\n\"shipments.*\" = \"natz\"")
         .unwrap();
     let err = Shop::start(&s).await.err().expect("an unknown transport");
+    // The library's error, naming the route and the transport, and what
+    // this program has.
     assert!(
-        err.to_string().contains("unknown transport `natz`"),
+        err.to_string().contains("`shipments.*`") && err.to_string().contains("`natz`"),
         "{err}"
     );
-    assert!(err.to_string().contains("nats, rabbitmq, kafka"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("in-process, nats, rabbitmq, kafka, sql"),
+        "{err}"
+    );
+
+    // A key the transport does not have.
+    let mut s = Settings::default();
+    s.apply_toml("[routes]\n\"*\" = \"nats\"\n[transports.nats]\nserver = \"nats://x\"")
+        .unwrap();
+    let err = Shop::start(&s).await.err().expect("an unknown key");
+    assert!(
+        err.to_string().contains("[transports.nats]") && err.to_string().contains("server"),
+        "{err}"
+    );
 
     // A module split with an in-process route between the halves.
     let s = Settings::default().with_modules("shipments").unwrap();
@@ -111,7 +136,9 @@ fn debug_output_hides_passwords() {
         database_url: Some("postgres://shop:s3cret@db/shop".into()),
         ..Settings::default()
     };
-    s.brokers.nats_url = "nats://t0ken@nats:4222".into();
+    s.bus
+        .table_mut("nats")
+        .insert("servers".into(), vec!["nats://t0ken@nats:4222"].into());
     let text = format!("{s:?}");
     assert!(
         !text.contains("s3cret") && !text.contains("guest:guest"),

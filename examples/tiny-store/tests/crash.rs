@@ -39,7 +39,7 @@ fn main() -> ExitCode {
         .into_iter()
         .map(|broker| {
             let settings = common::settings(&format!("crash_{broker}"), &format!("*={broker}"));
-            let skip = why_not(broker, &settings);
+            let skip = why_not(broker);
             if let Some(why) = &skip {
                 eprintln!("SKIPPED: {broker}_killed_mid_run: {why}");
             }
@@ -58,7 +58,7 @@ fn main() -> ExitCode {
 }
 
 /// Why this broker's run does not apply here, if it does not.
-fn why_not(broker: &str, settings: &Settings) -> Option<String> {
+fn why_not(broker: &str) -> Option<String> {
     let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
     let remote = match broker {
         "nats" => env("SEAMBUS_TEST_NATS_URL"),
@@ -75,7 +75,7 @@ fn why_not(broker: &str, settings: &Settings) -> Option<String> {
             return Some("the local Kafka broker was not started by scripts/kafka-broker".into());
         }
     }
-    (!common::broker_ready(broker, settings)).then(|| format!("{broker} is not running"))
+    (!common::broker_ready(broker)).then(|| format!("{broker} is not running"))
 }
 
 /// `scripts/broker ACTION BROKER`.

@@ -81,9 +81,14 @@ async fn states(shop: &Server, ids: &[String]) -> Vec<Value> {
 
 async fn extraction(broker: &str) {
     let settings = common::settings("extract", &routes(broker));
-    if !common::broker_ready(broker, &settings) {
+    if !common::broker_ready(broker) {
         return;
     }
+    let common::Brokers {
+        nats_url,
+        rabbitmq_url,
+        ..
+    } = common::brokers();
     let database = common::database_url();
     let Some(db) = common::postgres(&database).await else {
         return;
@@ -92,11 +97,8 @@ async fn extraction(broker: &str) {
     let env = [
         ("SEAMBUS_ROUTES", routes.as_str()),
         ("TINY_STORE_NAMESPACE", settings.namespace.as_str()),
-        ("SEAMBUS_NATS_URL", settings.brokers.nats_url.as_str()),
-        (
-            "SEAMBUS_RABBITMQ_URL",
-            settings.brokers.rabbitmq_url.as_str(),
-        ),
+        ("SEAMBUS_NATS_URL", nats_url.as_str()),
+        ("SEAMBUS_RABBITMQ_URL", rabbitmq_url.as_str()),
     ];
     // The extracted module first: its queue must exist before the first
     // confirmation is published (RabbitMQ refuses an unroutable event).
@@ -176,14 +178,15 @@ fn dead_of(stats: &str, module: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shipments_extracted_as_shipped_killed_mid_flow_ships_once() {
     let settings = common::settings("extract_l3", "");
-    if !common::broker_ready("nats", &settings) {
+    if !common::broker_ready("nats") {
         return;
     }
+    let nats_url = common::brokers().nats_url;
     let data = tempfile::tempdir().expect("a temporary directory");
     let dir = data.path().display().to_string();
     let env = [
         ("TINY_STORE_NAMESPACE", settings.namespace.as_str()),
-        ("SEAMBUS_NATS_URL", settings.brokers.nats_url.as_str()),
+        ("SEAMBUS_NATS_URL", nats_url.as_str()),
         // Where the files go (the shipped configs say `tiny-store-data`).
         ("TINY_STORE_DATA_DIR", dir.as_str()),
     ];

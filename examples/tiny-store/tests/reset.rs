@@ -23,11 +23,11 @@ struct OrderPlaced {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reset_deletes_without_starting_a_module() {
     let settings = common::settings("reset", "*=rabbitmq");
-    if !common::broker_ready("rabbitmq", &settings) {
+    if !common::broker_ready("rabbitmq") {
         return;
     }
     let config = RabbitMqConfig::default()
-        .with_uri(settings.brokers.rabbitmq_url.clone())
+        .with_uri(common::brokers().rabbitmq_url)
         .with_exchange(settings.namespace.clone())
         .with_queue_type(QueueType::Classic);
     let transport = RabbitMqTransport::connect(config.clone()).await.unwrap();

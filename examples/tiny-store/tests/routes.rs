@@ -24,8 +24,8 @@ async fn scenario_with(
 ) {
     let mut settings = common::settings(test, routes);
     adjust(&mut settings);
-    for transport in settings.routing.transports() {
-        if !common::broker_ready(transport, &settings) {
+    for transport in settings.routing().transports() {
+        if !common::broker_ready(transport) {
             return;
         }
     }
@@ -114,7 +114,7 @@ async fn everything_on_kafka() {
 async fn everything_durable_on_sqlite() {
     let file = std::env::temp_dir().join(format!("tiny-store-{}.db", std::process::id()));
     scenario_with("sqlite", "*=sql", 150, |s| {
-        s.brokers.sql_url = format!("sqlite://{}", file.display());
+        common::set(s, "sql", "url", format!("sqlite://{}", file.display()));
     })
     .await;
     for suffix in ["", "-wal", "-shm"] {
@@ -125,7 +125,7 @@ async fn everything_durable_on_sqlite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn everything_durable_on_postgres() {
     scenario_with("sqlpg", "*=sql", 150, |s| {
-        s.brokers.sql_url = common::database_url();
+        common::set(s, "sql", "url", common::database_url());
     })
     .await;
 }

@@ -64,7 +64,7 @@ impl fmt::Debug for Security {
 /// ```
 #[non_exhaustive]
 #[derive(Clone, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct KafkaConfig {
     /// `bootstrap.servers`. Default `127.0.0.1:9092`.
     pub bootstrap_servers: String,

@@ -482,3 +482,28 @@ where
         )
         .await
 }
+
+#[async_trait::async_trait]
+impl seambus::config::Configurable for KafkaTransport {
+    const KIND: &'static str = "kafka";
+    type Config = KafkaConfig;
+
+    /// `SEAMBUS_KAFKA_BROKERS`: the bootstrap servers.
+    fn apply_env(config: &mut KafkaConfig, env: seambus::config::Env<'_>) -> Result<()> {
+        if let Some(servers) = env("SEAMBUS_KAFKA_BROKERS") {
+            *config = std::mem::take(config).with_bootstrap_servers(servers);
+        }
+        Ok(())
+    }
+
+    /// Topics and consumer groups start with the namespace.
+    fn apply_namespace(config: &mut KafkaConfig, namespace: &str) {
+        *config = std::mem::take(config)
+            .with_topic_prefix(namespace)
+            .with_group_prefix(namespace);
+    }
+
+    async fn connect_config(config: KafkaConfig) -> Result<Self> {
+        Self::connect(config).await
+    }
+}

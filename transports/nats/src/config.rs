@@ -153,7 +153,7 @@ type Customize = Arc<dyn Fn(ConnectOptions) -> ConnectOptions + Send + Sync>;
 /// ```
 #[non_exhaustive]
 #[derive(Clone, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct NatsConfig {
     /// Server URLs. Default `nats://127.0.0.1:4222`.
     pub servers: Vec<String>,

@@ -331,3 +331,29 @@ impl Transport for NatsTransport {
         Ok(report)
     }
 }
+
+#[async_trait::async_trait]
+impl seambus::config::Configurable for NatsTransport {
+    const KIND: &'static str = "nats";
+    type Config = NatsConfig;
+
+    /// `SEAMBUS_NATS_URL`: the servers, comma-separated.
+    fn apply_env(config: &mut NatsConfig, env: seambus::config::Env<'_>) -> Result<()> {
+        if let Some(urls) = env("SEAMBUS_NATS_URL") {
+            let servers: Vec<String> = urls.split(',').map(|u| u.trim().to_owned()).collect();
+            *config = std::mem::take(config).with_servers(servers);
+        }
+        Ok(())
+    }
+
+    /// The stream is the namespace in capitals, subjects start with it.
+    fn apply_namespace(config: &mut NatsConfig, namespace: &str) {
+        *config = std::mem::take(config)
+            .with_stream_name(namespace.to_uppercase())
+            .with_subject_prefix(namespace);
+    }
+
+    async fn connect_config(config: NatsConfig) -> Result<Self> {
+        Self::connect(config).await
+    }
+}

@@ -49,7 +49,7 @@ type Customize = Arc<dyn Fn(ConnectionProperties) -> ConnectionProperties + Send
 /// ```
 #[non_exhaustive]
 #[derive(Clone, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct RabbitMqConfig {
     /// AMQP URI. Default `amqp://guest:guest@127.0.0.1:5672/%2f`.
     pub uri: String,

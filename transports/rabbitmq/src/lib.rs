@@ -366,3 +366,26 @@ impl Transport for RabbitMqTransport {
         Ok(report)
     }
 }
+
+#[async_trait::async_trait]
+impl seambus::config::Configurable for RabbitMqTransport {
+    const KIND: &'static str = "rabbitmq";
+    type Config = RabbitMqConfig;
+
+    /// `SEAMBUS_RABBITMQ_URL`: the AMQP URI.
+    fn apply_env(config: &mut RabbitMqConfig, env: seambus::config::Env<'_>) -> Result<()> {
+        if let Some(uri) = env("SEAMBUS_RABBITMQ_URL") {
+            *config = std::mem::take(config).with_uri(uri);
+        }
+        Ok(())
+    }
+
+    /// The exchange (and so every queue's name) is the namespace.
+    fn apply_namespace(config: &mut RabbitMqConfig, namespace: &str) {
+        *config = std::mem::take(config).with_exchange(namespace);
+    }
+
+    async fn connect_config(config: RabbitMqConfig) -> Result<Self> {
+        Self::connect(config).await
+    }
+}

@@ -12,7 +12,7 @@ use serde::Deserialize;
 /// `password=` parameter).
 #[non_exhaustive]
 #[derive(Clone, PartialEq, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct SqlConfig {
     /// The database: `postgres://user:password@host/db` (or `postgresql://`),
     /// or `sqlite://path/to/file.db` (created if missing). Default

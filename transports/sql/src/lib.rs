@@ -343,3 +343,36 @@ pub(crate) async fn dead_rows(pool: &Pool, sql: &Sql, group: &GroupId) -> Result
             .map_err(failed)
     })
 }
+
+#[async_trait]
+impl seambus::config::Configurable for SqlTransport {
+    const KIND: &'static str = "sql";
+    type Config = SqlConfig;
+
+    /// `SEAMBUS_SQL_URL`: the database.
+    fn apply_env(config: &mut SqlConfig, env: seambus::config::Env<'_>) -> Result<()> {
+        if let Some(url) = env("SEAMBUS_SQL_URL") {
+            config.url = url;
+        }
+        Ok(())
+    }
+
+    /// The schema (SQLite: the table prefix) is the namespace, with every
+    /// character but letters, digits and `_` made `_`.
+    fn apply_namespace(config: &mut SqlConfig, namespace: &str) {
+        config.schema = namespace
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+    }
+
+    async fn connect_config(config: SqlConfig) -> Result<Self> {
+        Self::connect(config).await
+    }
+}

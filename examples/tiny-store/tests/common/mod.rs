@@ -10,15 +10,40 @@ use std::time::Duration;
 
 use tiny_store::Settings;
 
+/// The brokers the tests use: `SEAMBUS_TEST_*` when set (as the other
+/// test suites), else the local ones.
+pub struct Brokers {
+    pub nats_url: String,
+    pub rabbitmq_url: String,
+    pub kafka_brokers: String,
+}
+
+pub fn brokers() -> Brokers {
+    let env = |k: &str, default: &str| {
+        std::env::var(k)
+            .ok()
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| default.to_owned())
+    };
+    Brokers {
+        nats_url: env("SEAMBUS_TEST_NATS_URL", "nats://127.0.0.1:4222"),
+        rabbitmq_url: env(
+            "SEAMBUS_TEST_AMQP_URL",
+            "amqp://guest:guest@127.0.0.1:5672/%2f",
+        ),
+        kafka_brokers: env("SEAMBUS_TEST_KAFKA_BROKERS", "127.0.0.1:9092"),
+    }
+}
+
 /// Whether the broker behind `transport` answers; when it does not, the
 /// test is skipped with a message, or fails when
 /// `SEAMBUS_REQUIRE_BROKERS=1` (as in CI).
-pub fn broker_ready(transport: &str, settings: &Settings) -> bool {
+pub fn broker_ready(transport: &str) -> bool {
+    let b = brokers();
     let addr = match transport {
-        "nats" => host_port(&settings.brokers.nats_url),
-        "rabbitmq" => host_port(&settings.brokers.rabbitmq_url),
-        "kafka" => settings
-            .brokers
+        "nats" => host_port(&b.nats_url),
+        "rabbitmq" => host_port(&b.rabbitmq_url),
+        "kafka" => b
             .kafka_brokers
             .split(',')
             .next()
@@ -57,22 +82,21 @@ pub fn namespace(test: &str) -> String {
     )
 }
 
-/// Settings read from the environment (broker URLs), with `routes` and a
+/// Sets key `key` of transport `name`'s table.
+pub fn set(s: &mut Settings, name: &str, key: &str, value: impl Into<toml::Value>) {
+    s.bus.table_mut(name).insert(key.to_owned(), value.into());
+}
+
+/// Settings read from the environment, the test brokers, `routes` and a
 /// fresh namespace.
 pub fn settings(test: &str, routes: &str) -> Settings {
     let mut s = Settings::load(None).expect("settings");
-    // The brokers the other test suites use, when set.
-    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-    if let Some(v) = env("SEAMBUS_TEST_NATS_URL") {
-        s.brokers.nats_url = v;
-    }
-    if let Some(v) = env("SEAMBUS_TEST_AMQP_URL") {
-        s.brokers.rabbitmq_url = v;
-    }
-    if let Some(v) = env("SEAMBUS_TEST_KAFKA_BROKERS") {
-        s.brokers.kafka_brokers = v;
-    }
-    s.routing = seambus::routing::Routing::parse_env(routes).expect("routes");
+    let b = brokers();
+    set(&mut s, "nats", "servers", vec![b.nats_url]);
+    set(&mut s, "rabbitmq", "uri", b.rabbitmq_url);
+    set(&mut s, "kafka", "bootstrap_servers", b.kafka_brokers);
+    s.bus
+        .set_routing(seambus::routing::Routing::parse_env(routes).expect("routes"));
     // Temporary SQLite files unless a test says otherwise.
     s.database_url = None;
     s.data_dir = None;
