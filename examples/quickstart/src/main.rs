@@ -16,7 +16,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use seambus::{Bus, Context, Event, HandlerError, PublishOptions, Received};
+use seambus::config::{BusConfig, Kinds};
+use seambus::{Context, Event, HandlerError, PublishOptions, Received};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -61,7 +62,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         )
         .init();
 
-    let bus = Bus::builder()
+    // The bus from configuration: SEAMBUS_ROUTES (and a file, when given)
+    // say which transport carries what; with neither, everything stays
+    // in-process. A program with broker crates lists their kinds here
+    // (`Kinds::new().with::<seambus_nats::NatsTransport>()`, ...).
+    let bus = BusConfig::load(None)?
+        .builder(&Kinds::new())
+        .await?
         .upcast::<OrderPlacedV1, OrderPlaced>()
         .build()?;
     let (orders, inventory, shipping) = (
