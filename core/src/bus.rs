@@ -14,6 +14,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::codec::Codec;
+use crate::declare::ModuleDecl;
 use crate::envelope::{Attributes, Envelope};
 use crate::error::{Error, ErrorKind, Result};
 use crate::event::{validate_header, validate_name};
@@ -60,6 +61,7 @@ pub struct BusBuilder {
     verify_codec: bool,
     max_payload: usize,
     layers: Vec<crate::layer::LayerFn>,
+    declared: Vec<&'static ModuleDecl>,
     errors: Vec<Error>,
 }
 
@@ -76,12 +78,32 @@ impl Default for BusBuilder {
             verify_codec: std::env::var("SEAMBUS_VERIFY_CODEC").is_ok_and(|v| v == "1"),
             max_payload: DEFAULT_MAX_PAYLOAD,
             layers: Vec::new(),
+            declared: Vec::new(),
             errors: Vec::new(),
         }
     }
 }
 
 impl BusBuilder {
+    /// Declares the program's modules ([`ModuleDecl`]): from then on, a
+    /// module of another name cannot publish or subscribe (a typo is an
+    /// error at its first use, naming the declared ones), and a module
+    /// publishes only the events its declaration lists. Without
+    /// declarations any name is a module, as before.
+    pub fn declare(mut self, modules: &[&'static ModuleDecl]) -> Self {
+        for m in modules {
+            if self.declared.iter().any(|d| d.name() == m.name()) {
+                self.errors.push(Error::new(
+                    ErrorKind::Config,
+                    format!("module `{}` declared twice", m.name()),
+                ));
+            } else {
+                self.declared.push(m);
+            }
+        }
+        self
+    }
+
     /// Adds a transport under `name`. The first one added carries the events
     /// no route names, unless [`BusBuilder::default_transport`] or a
     /// [`Routing`] says otherwise. With no transport at all, the bus creates
@@ -278,6 +300,7 @@ impl BusBuilder {
                 max_payload: self.max_payload,
                 layers: self.layers,
                 subscriptions: Mutex::default(),
+                declared: self.declared,
                 closed: AtomicBool::new(false),
             }),
         })
@@ -368,6 +391,7 @@ struct BusInner {
     max_payload: usize,
     layers: Vec<crate::layer::LayerFn>,
     subscriptions: Mutex<HashSet<GroupId>>,
+    declared: Vec<&'static ModuleDecl>,
     closed: AtomicBool,
 }
 
@@ -408,10 +432,43 @@ impl Bus {
     /// The handle of module `name`, through which it publishes and
     /// subscribes. Cheap; call it as often as you like.
     pub fn module(&self, name: impl Into<Cow<'static, str>>) -> Module {
+        let name = name.into();
+        let declared = &self.inner.declared;
+        let decl = if declared.is_empty() {
+            Decl::Free
+        } else {
+            declared
+                .iter()
+                .find(|d| d.name() == name)
+                .map_or(Decl::Unknown, |d| Decl::Declared(d))
+        };
         Module {
             bus: self.clone(),
-            name: name.into(),
+            name,
+            decl,
         }
+    }
+
+    /// The handle of a declared module ([`BusBuilder::declare`]). A
+    /// declaration the bus was not given works only on a bus with no
+    /// declarations at all.
+    pub fn module_of(&self, module: &'static ModuleDecl) -> Module {
+        let declared = &self.inner.declared;
+        let decl = if declared.is_empty() || declared.contains(&module) {
+            Decl::Declared(module)
+        } else {
+            Decl::Unknown
+        };
+        Module {
+            bus: self.clone(),
+            name: Cow::Borrowed(module.name()),
+            decl,
+        }
+    }
+
+    /// The modules declared to this bus, with the events each publishes.
+    pub fn declared_modules(&self) -> &[&'static ModuleDecl] {
+        &self.inner.declared
     }
 
     /// The transport registered under `name` (for operations such as
@@ -585,6 +642,36 @@ impl PublishOptions {
 pub struct Module {
     bus: Bus,
     name: Cow<'static, str>,
+    decl: Decl,
+}
+
+/// What the bus knows of a module's name.
+#[derive(Clone, Copy)]
+enum Decl {
+    /// The bus declares no module: any name is one.
+    Free,
+    /// Declared, with the events it publishes.
+    Declared(&'static ModuleDecl),
+    /// The bus declares modules, and not this one.
+    Unknown,
+}
+
+impl Module {
+    /// Refuses an undeclared module (on a bus that declares modules).
+    fn check_declared(&self) -> Result<()> {
+        if let Decl::Unknown = self.decl {
+            let known: Vec<&str> = self.bus.inner.declared.iter().map(|d| d.name()).collect();
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "module `{}` is not declared to this bus (declared: {})",
+                    self.name,
+                    known.join(", ")
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl fmt::Debug for Module {
@@ -640,6 +727,20 @@ impl Module {
     fn checked_attributes<E: Event>(&self, options: PublishOptions) -> Result<Attributes> {
         if self.bus.inner.closed.load(SeqCst) {
             return Err(Error::closed());
+        }
+        self.check_declared()?;
+        if let Decl::Declared(decl) = self.decl {
+            if !decl.declares::<E>() {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    format!(
+                        "module `{}` does not declare {} v{} among the events it publishes",
+                        self.name,
+                        E::NAME,
+                        E::VERSION
+                    ),
+                ));
+            }
         }
         if E::MODULE != self.name {
             return Err(Error::new(
@@ -883,6 +984,7 @@ where
             return Err(Error::closed());
         }
         validate_name(&self.module.name)?;
+        self.module.check_declared()?;
         validate_name(E::NAME)?;
         let subscription = self.name.unwrap_or_else(|| E::NAME.to_owned());
         validate_name(&subscription)?;

@@ -6,6 +6,7 @@ extern crate self as seambus;
 mod bus;
 pub mod codec;
 pub mod config;
+mod declare;
 mod delivery;
 mod envelope;
 mod error;
@@ -24,6 +25,7 @@ pub use bus::{
     Bus, BusBuilder, Module, PublishOptions, SubscribeBuilder, Subscription, DEFAULT_MAX_PAYLOAD,
     IN_PROCESS,
 };
+pub use declare::{EventDecl, ModuleDecl};
 pub use envelope::{Attributes, Envelope, SPEC_VERSION};
 pub use error::{Error, ErrorKind, HandlerError, Result};
 pub use event::{validate_header, validate_name, Event};

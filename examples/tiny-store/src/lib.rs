@@ -294,6 +294,15 @@ pub async fn reset(settings: &Settings) -> Result<(), BoxError> {
     Ok(())
 }
 
+/// The shop's modules as each contract declares them (with the events
+/// each publishes): a module name the shop does not have is refused.
+pub const DECLARED: [&seambus::ModuleDecl; 4] = [
+    &tiny_store_orders_contract::MODULE,
+    &tiny_store_inventory_contract::MODULE,
+    &tiny_store_payments_contract::MODULE,
+    &tiny_store_shipments_contract::MODULE,
+];
+
 /// Every event of the shop: its name, the module that publishes it, and
 /// the modules that handle it.
 pub const FLOWS: [(&str, &str, &[&str]); 8] = [
@@ -356,6 +365,7 @@ impl Shop {
             .builder(&kinds())
             .await?
             .upcast::<tiny_store_orders_contract::OrderPlacedV1, tiny_store_orders_contract::OrderPlaced>()
+            .declare(&DECLARED)
             .build()?;
         check_crossings(&bus, settings)?;
         let storage = settings.storage();

@@ -146,3 +146,29 @@ fn debug_output_hides_passwords() {
     );
     assert!(text.contains("shop:<redacted>@db"), "{text}");
 }
+
+#[tokio::test]
+async fn the_shop_declares_its_modules_and_refuses_a_misspelt_one() {
+    let shop = Shop::start(&Settings::default()).await.unwrap();
+    let declared: Vec<&str> = shop
+        .bus
+        .declared_modules()
+        .iter()
+        .map(|m| m.name())
+        .collect();
+    assert_eq!(declared, tiny_store::MODULES);
+    let shipped = tiny_store_shipments_contract::OrderShipped {
+        order_id: uuid::Uuid::now_v7(),
+        tracking_number: "TS-1".into(),
+    };
+    let err = shop
+        .bus
+        .module("shipmnets")
+        .publish(shipped)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("`shipmnets`"), "{err}");
+    shop.shutdown(std::time::Duration::from_secs(5))
+        .await
+        .unwrap();
+}

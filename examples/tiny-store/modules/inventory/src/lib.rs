@@ -14,8 +14,8 @@ use tiny_store_platform::{notifying, signed, unsigned, BoxError, Db, Started, St
 use tokio::sync::watch;
 use uuid::Uuid;
 
-/// The module's name on the bus.
-pub const MODULE: &str = "inventory";
+/// The module's name on the bus (declared in its contract).
+pub const MODULE: &str = tiny_store_inventory_contract::MODULE.name();
 
 /// Stock of one SKU.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,7 +59,7 @@ impl Inventory {
         Ok(Self {
             inner: Arc::new(Inner {
                 bus: bus.clone(),
-                module: bus.module(MODULE),
+                module: bus.module_of(&tiny_store_inventory_contract::MODULE),
                 db: Db::open(storage, MODULE, MIGRATION).await?,
                 released: watch::Sender::new(0),
             }),

@@ -21,8 +21,8 @@ use tiny_store_shipments_contract::OrderShipped;
 use tokio::sync::watch;
 use uuid::Uuid;
 
-/// The module's name on the bus.
-pub const MODULE: &str = "orders";
+/// The module's name on the bus (declared in its contract).
+pub const MODULE: &str = tiny_store_orders_contract::MODULE.name();
 
 /// Where an order stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -154,7 +154,7 @@ impl Orders {
         Ok(Self {
             inner: Arc::new(Inner {
                 bus: bus.clone(),
-                module: bus.module(MODULE),
+                module: bus.module_of(&tiny_store_orders_contract::MODULE),
                 db: Db::open(storage, MODULE, MIGRATION).await?,
                 settled: watch::Sender::new(0),
             }),

@@ -12,8 +12,8 @@ use tiny_store_payments_contract::{PaymentCaptured, PaymentFailed};
 use tiny_store_platform::{signed, unsigned, BoxError, Db, Started, Storage};
 use uuid::Uuid;
 
-/// The module's name on the bus.
-pub const MODULE: &str = "payments";
+/// The module's name on the bus (declared in its contract).
+pub const MODULE: &str = tiny_store_payments_contract::MODULE.name();
 
 /// The card limit: larger amounts are declined.
 pub const CARD_LIMIT_CENTS: u64 = 50_000;
@@ -57,7 +57,7 @@ impl Payments {
         Ok(Self {
             inner: Arc::new(Inner {
                 bus: bus.clone(),
-                module: bus.module(MODULE),
+                module: bus.module_of(&tiny_store_payments_contract::MODULE),
                 db: Db::open(storage, MODULE, MIGRATION).await?,
             }),
         })

@@ -11,8 +11,8 @@ use tiny_store_platform::{signed, BoxError, Db, Started, Storage};
 use tiny_store_shipments_contract::OrderShipped;
 use uuid::Uuid;
 
-/// The module's name on the bus.
-pub const MODULE: &str = "shipments";
+/// The module's name on the bus (declared in its contract).
+pub const MODULE: &str = tiny_store_shipments_contract::MODULE.name();
 
 /// The shipments module.
 #[derive(Clone)]
@@ -39,7 +39,7 @@ impl Shipments {
         Ok(Self {
             inner: Arc::new(Inner {
                 bus: bus.clone(),
-                module: bus.module(MODULE),
+                module: bus.module_of(&tiny_store_shipments_contract::MODULE),
                 db: Db::open(storage, MODULE, MIGRATION).await?,
             }),
         })

@@ -1,6 +1,6 @@
 //! The inventory module's contract: the events it publishes.
 
-use seambus::Event;
+use seambus::{Event, EventDecl, ModuleDecl};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -25,3 +25,13 @@ pub struct StockRejected {
     /// Why, for people.
     pub reason: String,
 }
+
+/// The inventory module as the bus knows it: its name and every event it
+/// publishes (a misspelt module, or an event it does not list, is refused).
+pub const MODULE: ModuleDecl = ModuleDecl::new(
+    "inventory",
+    &[
+        EventDecl::of::<StockReserved>(),
+        EventDecl::of::<StockRejected>(),
+    ],
+);

@@ -1,7 +1,7 @@
 //! The orders module's contract: the events it publishes. Other modules
 //! depend on this crate, never on `tiny-store-orders`.
 
-use seambus::Event;
+use seambus::{Event, EventDecl, ModuleDecl};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -99,3 +99,15 @@ pub struct OrderCancelled {
     /// Why, for people.
     pub reason: String,
 }
+
+/// The orders module as the bus knows it: its name and every event it
+/// publishes (a misspelt module, or an event it does not list, is refused).
+pub const MODULE: ModuleDecl = ModuleDecl::new(
+    "orders",
+    &[
+        EventDecl::of::<OrderPlacedV1>(),
+        EventDecl::of::<OrderPlaced>(),
+        EventDecl::of::<OrderConfirmed>(),
+        EventDecl::of::<OrderCancelled>(),
+    ],
+);

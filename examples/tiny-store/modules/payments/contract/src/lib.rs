@@ -1,6 +1,6 @@
 //! The payments module's contract: the events it publishes.
 
-use seambus::Event;
+use seambus::{Event, EventDecl, ModuleDecl};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -23,3 +23,13 @@ pub struct PaymentFailed {
     /// Why, for people.
     pub reason: String,
 }
+
+/// The payments module as the bus knows it: its name and every event it
+/// publishes (a misspelt module, or an event it does not list, is refused).
+pub const MODULE: ModuleDecl = ModuleDecl::new(
+    "payments",
+    &[
+        EventDecl::of::<PaymentCaptured>(),
+        EventDecl::of::<PaymentFailed>(),
+    ],
+);

@@ -1,6 +1,6 @@
 //! The shipments module's contract: the events it publishes.
 
-use seambus::Event;
+use seambus::{Event, EventDecl, ModuleDecl};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -13,3 +13,7 @@ pub struct OrderShipped {
     /// The carrier's tracking number.
     pub tracking_number: String,
 }
+
+/// The shipments module as the bus knows it: its name and every event it
+/// publishes (a misspelt module, or an event it does not list, is refused).
+pub const MODULE: ModuleDecl = ModuleDecl::new("shipments", &[EventDecl::of::<OrderShipped>()]);
