@@ -62,6 +62,7 @@ pub struct BusBuilder {
     max_payload: usize,
     layers: Vec<crate::layer::LayerFn>,
     declared: Vec<&'static ModuleDecl>,
+    testing: bool,
     errors: Vec<Error>,
 }
 
@@ -79,12 +80,22 @@ impl Default for BusBuilder {
             max_payload: DEFAULT_MAX_PAYLOAD,
             layers: Vec::new(),
             declared: Vec::new(),
+            testing: false,
             errors: Vec::new(),
         }
     }
 }
 
 impl BusBuilder {
+    /// Makes a bus for tests: [`Bus::idle`] waits until every delivery
+    /// ended, and [`Bus::test_kit`] reads back what was published and
+    /// consumed and injects faults ([`crate::testing`]). It costs a few
+    /// counters and a copy of every event; leave it out of production.
+    pub fn testing(mut self) -> Self {
+        self.testing = true;
+        self
+    }
+
     /// Declares the program's modules ([`ModuleDecl`]): from then on, a
     /// module of another name cannot publish or subscribe (a typo is an
     /// error at its first use, naming the declared ones), and a module
@@ -301,6 +312,9 @@ impl BusBuilder {
                 layers: self.layers,
                 subscriptions: Mutex::default(),
                 declared: self.declared,
+                testing: self
+                    .testing
+                    .then(|| Arc::new(crate::testing::Testing::new())),
                 closed: AtomicBool::new(false),
             }),
         })
@@ -392,6 +406,7 @@ struct BusInner {
     layers: Vec<crate::layer::LayerFn>,
     subscriptions: Mutex<HashSet<GroupId>>,
     declared: Vec<&'static ModuleDecl>,
+    pub(crate) testing: Option<Arc<crate::testing::Testing>>,
     closed: AtomicBool,
 }
 
@@ -466,6 +481,36 @@ impl Bus {
         }
     }
 
+    pub(crate) fn testing_state(&self) -> Option<&crate::testing::Testing> {
+        self.inner.testing.as_deref()
+    }
+
+    pub(crate) fn default_codec(&self) -> &dyn Codec {
+        &*self.inner.codecs.default
+    }
+
+    /// The test kit of a bus built with [`BusBuilder::testing`].
+    pub fn test_kit(&self) -> Option<crate::testing::TestKit> {
+        self.inner
+            .testing
+            .is_some()
+            .then(|| crate::testing::TestKit { bus: self.clone() })
+    }
+
+    /// Waits until every delivery this process's publishes caused (and
+    /// those their handlers' publishes caused) was handled or
+    /// dead-lettered, at most `timeout` (see [`crate::testing`]). Only on a
+    /// bus built with [`BusBuilder::testing`]; a `Config` error otherwise.
+    pub async fn idle(&self, timeout: Duration) -> Result<()> {
+        match self.test_kit() {
+            Some(kit) => kit.idle(timeout).await,
+            None => Err(Error::new(
+                ErrorKind::Config,
+                "Bus::idle needs a bus built with BusBuilder::testing()",
+            )),
+        }
+    }
+
     /// The modules declared to this bus, with the events each publishes.
     pub fn declared_modules(&self) -> &[&'static ModuleDecl] {
         &self.inner.declared
@@ -518,13 +563,25 @@ impl Bus {
             }
         }
         let module = envelope.attributes().source.to_string();
+        if let (Some(t), Some(bytes)) = (&bus.testing, envelope.payload_bytes()) {
+            t.record_published(
+                envelope.event_type(),
+                envelope.data_version(),
+                bytes.to_vec(),
+            );
+        }
         self.send(index, envelope, &module).await
     }
 
     /// Hands `envelope` to the transport of route `index`.
     async fn send(&self, index: usize, envelope: Envelope, module: &str) -> Result<()> {
+        // A testing bus counts the deliveries this publish causes.
+        let counted = match &self.inner.testing {
+            None => None,
+            Some(t) => Some(t.before_send(envelope.event_type())?),
+        };
         let (name, transport) = &self.inner.transports[index];
-        match transport.try_publish(envelope) {
+        let sent = match transport.try_publish(envelope) {
             TryPublish::Done(result) => result,
             TryPublish::Pending(envelope) => {
                 // Only a publish that waits gets a span: one that finished
@@ -539,7 +596,11 @@ impl Bus {
                 );
                 transport.publish(envelope).instrument(span).await
             }
+        };
+        if let (Some(n), Err(_), Some(t)) = (counted, &sent, &self.inner.testing) {
+            t.undo(n);
         }
+        sent
     }
 
     /// Stops every transport: no new publishes, in-flight handlers finish
@@ -696,6 +757,9 @@ impl Module {
     pub async fn publish_with<E: Event>(&self, event: E, options: PublishOptions) -> Result<Uuid> {
         let bus = &*self.bus.inner;
         let attrs = self.checked_attributes::<E>(options)?;
+        if let Some(t) = &bus.testing {
+            t.record_published(E::NAME, E::VERSION, bus.codecs.default.encode(&event)?);
+        }
         let index = bus.route_index(E::NAME);
         let caps = &bus.capabilities[index];
         let envelope = if caps.shares_values && !bus.verify_codec {
@@ -1045,6 +1109,7 @@ where
             upcasters: bus.upcasters.clone(),
             codecs: bus.codecs.clone(),
             stats: stats.clone(),
+            testing: bus.testing.clone(),
         });
         let mut spec = SubscriptionSpec::new(group.clone(), E::NAME);
         spec.concurrency = self.spec_concurrency;
@@ -1053,7 +1118,13 @@ where
         spec.dispatch = dispatch;
         match transport.subscribe(spec, Arc::new(handler)).await {
             Ok(consumer) => Ok(Subscription {
-                bus: self.module.bus.clone(),
+                bus: {
+                    if let Some(t) = &bus.testing {
+                        t.group_added(E::NAME);
+                    }
+                    self.module.bus.clone()
+                },
+                event: E::NAME,
                 group,
                 transport: transport.clone(),
                 consumer,
@@ -1089,6 +1160,7 @@ where
 /// [`Subscription::close`].
 pub struct Subscription {
     bus: Bus,
+    event: &'static str,
     group: GroupId,
     transport: Arc<dyn Transport>,
     consumer: Box<dyn Consumer>,
@@ -1138,6 +1210,9 @@ impl Subscription {
     /// again with the same module and name resumes them.
     pub async fn close(self) -> Result<()> {
         let result = self.consumer.close().await;
+        if let Some(t) = &self.bus.inner.testing {
+            t.group_removed(self.event);
+        }
         self.bus
             .inner
             .subscriptions

@@ -300,6 +300,7 @@ struct TypedInner<H, S> {
     upcasters: Arc<Upcasters>,
     codecs: Arc<Codecs>,
     stats: Arc<StatsCell>,
+    testing: Option<Arc<crate::testing::Testing>>,
 }
 
 /// What a subscription's handler is built from.
@@ -312,6 +313,7 @@ pub(crate) struct Parts<H, S> {
     pub(crate) upcasters: Arc<Upcasters>,
     pub(crate) codecs: Arc<Codecs>,
     pub(crate) stats: Arc<StatsCell>,
+    pub(crate) testing: Option<Arc<crate::testing::Testing>>,
 }
 
 impl<E, H, T, S> TypedHandler<E, H, T, S>
@@ -344,6 +346,7 @@ where
                 upcasters: parts.upcasters,
                 codecs: parts.codecs,
                 stats: parts.stats,
+                testing: parts.testing,
             }
         });
         Self {
@@ -367,7 +370,12 @@ where
     fn settled(&self, _group: &GroupId, settlement: Settlement) {
         let counter = match settlement {
             Settlement::Retry => &self.inner.stats.retried,
-            _ => &self.inner.stats.dead_lettered,
+            _ => {
+                if let Some(t) = &self.inner.testing {
+                    t.done();
+                }
+                &self.inner.stats.dead_lettered
+            }
         };
         counter.fetch_add(1, Relaxed);
     }
@@ -429,6 +437,16 @@ impl<H, S: Send + Sync + 'static> TypedInner<H, S> {
             attempt,
             group: self.group.clone(),
         };
+        let recorded = match &self.testing {
+            None => None,
+            Some(t) => {
+                let event = match &resolved {
+                    Resolved::Shared(typed) => &typed.value,
+                    Resolved::Owned(value) => value,
+                };
+                Some(self.rehearse::<E, T>(t, event, &ctx).await)
+            }
+        };
         // quanta reads the CPU's counter: a fraction of a clock_gettime.
         let started = quanta::Instant::now();
         let panics = PanicCounter(&self.stats);
@@ -451,6 +469,10 @@ impl<H, S: Send + Sync + 'static> TypedInner<H, S> {
         match result {
             Ok(()) => {
                 self.stats.succeeded.fetch_add(1, Relaxed);
+                if let (Some(t), Some(bytes)) = (&self.testing, recorded) {
+                    t.record_consumed(E::NAME, E::VERSION, bytes);
+                    t.done();
+                }
                 Outcome::Ack
             }
             Err(err) if err.is_transient() => {
@@ -488,6 +510,32 @@ impl<H, S: Send + Sync + 'static> TypedInner<H, S> {
     }
 
     /// Timeout, causation scope, handler.
+    /// On a testing bus, before the handler runs: the event's bytes (to
+    /// record it once handled), after the faults asked for: a delay, and a
+    /// first run whose outcome is dropped (a redelivery).
+    async fn rehearse<E: Event, T: 'static>(
+        &self,
+        testing: &crate::testing::Testing,
+        event: &E,
+        ctx: &Context,
+    ) -> Vec<u8>
+    where
+        H: Handler<E, T, S>,
+    {
+        let bytes = self.codecs.default.encode(event).unwrap_or_default();
+        if let Some(by) = testing.delay_of(E::NAME) {
+            tokio::time::sleep(by).await;
+        }
+        if testing.take_twice(E::NAME) {
+            if let Ok(again) = crate::codec::decode::<E>(&*self.codecs.default, &bytes) {
+                let _ = self
+                    .call_timed::<E, T>(Received(Resolved::Owned(again)), ctx.clone())
+                    .await;
+            }
+        }
+        bytes
+    }
+
     async fn call_timed<E: Event, T: 'static>(
         &self,
         event: Received<E>,

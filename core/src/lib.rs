@@ -15,6 +15,7 @@ mod handler;
 mod in_process;
 pub mod layer;
 pub mod routing;
+pub mod testing;
 pub mod transport;
 mod upcast;
 
