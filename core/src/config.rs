@@ -120,11 +120,7 @@ impl Kinds {
     /// Adds kind `T` ([`Configurable::KIND`]).
     pub fn with<T: Configurable>(mut self) -> Self {
         let connect: Connect = Box::new(|table, namespace, env| {
-            let mut config: T::Config = read_table(table)?;
-            T::apply_env(&mut config, env)?;
-            if let Some(ns) = namespace {
-                T::apply_namespace(&mut config, ns);
-            }
+            let config = prepare::<T>(table, namespace, env)?;
             Ok(Box::pin(async move {
                 let t = T::connect_config(config).await?;
                 Ok(Arc::new(t) as Arc<dyn Transport>)
@@ -375,13 +371,9 @@ impl BusConfig {
         }
         let mut table = self.tables.get(name).cloned().unwrap_or_default();
         table.remove("kind");
-        let mut config: T::Config = read_table(table)
-            .map_err(|e| config_error(format!("[transports.{name}]: {}", e.message())))?;
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-        T::apply_env(&mut config, &env)?;
-        if let Some(ns) = &self.namespace {
-            T::apply_namespace(&mut config, ns);
-        }
+        let config = prepare::<T>(table, self.namespace.as_deref(), &env)
+            .map_err(|e| config_error(format!("[transports.{name}]: {}", e.message())))?;
         T::connect_config(config).await
     }
 
@@ -399,6 +391,21 @@ impl BusConfig {
     pub async fn build(&self, kinds: &Kinds) -> Result<Bus> {
         self.builder(kinds).await?.build()
     }
+}
+
+/// The configuration of kind `T` from its table, with the environment's
+/// overrides and the namespace applied.
+fn prepare<T: Configurable>(
+    table: toml::Table,
+    namespace: Option<&str>,
+    env: Env<'_>,
+) -> Result<T::Config> {
+    let mut config: T::Config = read_table(table)?;
+    T::apply_env(&mut config, env)?;
+    if let Some(ns) = namespace {
+        T::apply_namespace(&mut config, ns);
+    }
+    Ok(config)
 }
 
 /// A table as `T`, unknown keys refused; the error names the key, never a
